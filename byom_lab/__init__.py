@@ -1,0 +1,34 @@
+"""byom-lab: a teaching and analysis toolkit for data-free model merging (BYOM, arXiv 2310.01886)."""
+from ._compat import fix_torchvision
+
+fix_torchvision()  # before anything imports torchvision (open_clip does)
+
+from .evaluation import evaluate  # noqa: E402
+from .suite import Suite, load_suite  # noqa: E402
+
+__all__ = ["Suite", "evaluate", "list_methods", "load_suite", "merging", "setup"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # the merging core is imported on first use, so data and suite code load without it
+    if name in ("merging", "list_methods"):
+        import importlib
+
+        merging = importlib.import_module(".merging", __name__)
+        return merging if name == "merging" else merging.list_methods
+    raise AttributeError(f"module 'byom_lab' has no attribute {name!r}")
+
+
+def setup(seed: int = 0, threads: int = None) -> None:
+    """Seed torch (and python/numpy) for a notebook; optionally set the CPU thread count."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)

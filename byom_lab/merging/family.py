@@ -1,0 +1,85 @@
+"""The task-arithmetic family, each member one `Recipe` of the general mechanism (general.py)."""
+from dataclasses import replace
+from typing import Callable, Mapping, Sequence
+
+from torch import Tensor
+
+from .checks import check_models
+from .general import Recipe, merge_validated
+from .registry import get_method, register
+
+StateDict = Mapping[str, Tensor]
+
+RECIPES: dict[str, Callable[..., Recipe]] = {
+    "simple_average": lambda num_tasks: Recipe(lam=1 / num_tasks),
+    "task_arithmetic": lambda num_tasks, lam=0.3: Recipe(lam=lam),
+    "ties": lambda num_tasks, density=0.2, lam=1.0, scope="global", merge="mean": Recipe(
+        lam=lam, density=density, scope=scope, consensus=True, merge=merge
+    ),
+}
+
+
+def _merge_family(name: str, pretrained: StateDict, finetuned: Sequence[StateDict], drop: float = 0.0,
+                  seed: int = 0, **options) -> dict[str, Tensor]:
+    """Validate, build the recipe of family member `name` (plus DARE's drop), merge."""
+    check_models(pretrained, finetuned)
+    recipe = replace(RECIPES[name](len(finetuned), **options), drop=drop, seed=seed)
+    return merge_validated(pretrained, finetuned, recipe).merged
+
+
+@register("simple_average")
+def simple_average(pretrained: StateDict, finetuned: Sequence[StateDict]) -> dict[str, Tensor]:
+    """Uniform weight averaging θ0 + (1/T) Σ v_t (model soups, arXiv 2203.05482).
+
+    Args:
+        pretrained: θ0.
+        finetuned: [θ_t], one state dict per task.
+    """
+    return _merge_family("simple_average", pretrained, finetuned)
+
+
+@register("task_arithmetic")
+def task_arithmetic(pretrained: StateDict, finetuned: Sequence[StateDict], lam: float = 0.3) -> dict[str, Tensor]:
+    """Task arithmetic θ0 + λ Σ v_t (arXiv 2212.04089).
+
+    Args:
+        pretrained: θ0.
+        finetuned: [θ_t], one state dict per task.
+        lam: scaling coefficient λ (choose it on validation data).
+    """
+    return _merge_family("task_arithmetic", pretrained, finetuned, lam=lam)
+
+
+@register("ties")
+def ties(pretrained: StateDict, finetuned: Sequence[StateDict], density: float = 0.2, lam: float = 1.0,
+         scope: str = "global", merge: str = "mean") -> dict[str, Tensor]:
+    """TIES-Merging: trim, elect sign, disjoint merge (arXiv 2306.01708).
+
+    Args:
+        pretrained: θ0.
+        finetuned: [θ_t], one state dict per task.
+        density: fraction of each task vector kept by magnitude, in (0, 1].
+        lam: scale λ of the merged vector.
+        scope: "global" (rank over the whole task vector, as the TIES code) or "tensor".
+        merge: "mean" over agreeing tasks (TIES) or "sum".
+    """
+    return _merge_family("ties", pretrained, finetuned, density=density, lam=lam, scope=scope, merge=merge)
+
+
+@register("dare")
+def dare(pretrained: StateDict, finetuned: Sequence[StateDict], drop: float = 0.5, base: str = "task_arithmetic",
+         seed: int = 0, **base_kwargs) -> dict[str, Tensor]:
+    """DARE: drop each task-vector entry with probability p, rescale by 1/(1−p), then merge (arXiv 2311.03099).
+
+    Args:
+        pretrained: θ0.
+        finetuned: [θ_t], one state dict per task.
+        drop: drop probability p in [0, 1).
+        base: the merger applied after dropping: "task_arithmetic", "ties" or "simple_average".
+        seed: seeds the drop masks (the result is a pure function of the inputs and the seed).
+        **base_kwargs: options of the base merger (e.g. lam, density).
+    """
+    get_method(base)
+    if base not in RECIPES:
+        raise ValueError(f"dare base must be one of {', '.join(sorted(RECIPES))}, got {base!r}")
+    return _merge_family(base, pretrained, finetuned, drop=drop, seed=seed, **base_kwargs)

@@ -1,0 +1,191 @@
+"""Exact top-magnitude selection: radix select over the float bit patterns, streamed over pieces.
+
+The IEEE-754 bit pattern of |x|, read as an integer ("key"), orders like |x|. The k-th largest
+key is found digit by digit: one pass histograms a digit of every key (`bincount`), the bucket
+holding the k-th largest is kept, and the next pass refines inside that bucket only. Nothing is
+concatenated, sorted, or passed to `torch.quantile`/`kthvalue`. A strided sample first guesses a
+narrow key window around the answer; when the guess holds (the usual case) one exact pass over
+that window suffices, otherwise the full radix select (two passes for float32) runs.
+"""
+from typing import Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from .checks import check_choice, check_density, check_state_dict
+
+CHUNK = 1 << 18  # elements per CPU piece: large enough to amortise dispatch, small enough for cache
+GPU_CHUNK = 1 << 24  # on accelerators, fewer and larger pieces (kernel launches dominate)
+SAMPLE = 1 << 18  # about this many entries are sampled to guess the window
+MAX_BINS = 1 << 18  # widest histogram of one pass (2 MiB of counts)
+SCOPES = ("global", "tensor")
+_BITS_AS_INT = {
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
+
+# source(stride) yields 1-D pieces covering x[::stride]; the same pieces in the same order each call
+Source = Callable[[int], Iterable[Tensor]]
+
+
+def chunk_size(tensor: Tensor) -> int:
+    """Elements per piece when streaming over `tensor`: CHUNK on CPU, GPU_CHUNK elsewhere."""
+    return CHUNK if tensor.device.type == "cpu" else GPU_CHUNK
+
+
+def chunks(tensor: Tensor, size: int | None = None) -> Iterator[Tensor]:
+    """Consecutive 1-D views of at most `size` (default `chunk_size`) elements covering `tensor`."""
+    flat, size = tensor.reshape(-1), size or chunk_size(tensor)
+    for start in range(0, flat.numel(), size):
+        yield flat[start : start + size]
+
+
+def num_kept(density: float, n: int) -> int:
+    """How many of `n` entries a `density` fraction keeps: round(density·n), at least 1."""
+    return min(n, max(1, round(density * n)))
+
+
+def _magnitude_keys(piece: Tensor) -> Tensor:
+    """|piece| reinterpreted as integers with the same order (16-bit keys widened to int32)."""
+    keys = piece.abs().view(_BITS_AS_INT[piece.dtype])
+    return keys.int() if keys.dtype == torch.int16 else keys
+
+
+def _digit_histogram(source: Source, shift: int, base: int, nbins: int) -> Tensor:
+    """Counts of (key >> shift) - base in bins 1..nbins; bin 0 gathers keys below, bin nbins+1 above."""
+    hist, digits, filled = None, None, 0
+    for piece in source(1):
+        keys = _magnitude_keys(piece)
+        keys = keys >> shift if shift else keys
+        if digits is None:  # bincount costs O(nbins) per call: gather >= 8·nbins digits per call
+            digits = torch.empty(max(8 * nbins, chunk_size(keys)), dtype=keys.dtype, device=keys.device)
+        if filled + keys.numel() > digits.numel():
+            hist, filled = _add_counts(hist, digits[:filled], nbins), 0
+        if keys.numel() > digits.numel():
+            hist = _add_counts(hist, keys.sub_(base - 1).clamp_(0, nbins + 1), nbins)
+            continue
+        batch = digits[filled : filled + keys.numel()]
+        torch.sub(keys, base - 1, out=batch).clamp_(0, nbins + 1)  # in [0, nbins + 1]
+        filled += keys.numel()
+    return _add_counts(hist, digits[:filled], nbins)
+
+
+def _add_counts(hist: Tensor | None, digits: Tensor, nbins: int) -> Tensor:
+    """hist + the bincount of `digits`."""
+    counts = torch.bincount(digits, minlength=nbins + 2)
+    return counts if hist is None else hist.add_(counts)
+
+
+def _radix(source: Source, k: int, shift: int, base: int, nbins: int) -> tuple[int, int] | None:
+    """(key, count >= key) of the k-th largest key, starting inside a window; None if it lies outside."""
+    while True:
+        hist = _digit_histogram(source, shift, base, nbins)
+        at_least = hist[1:].flip(0).cumsum(0).flip(0)  # (nbins + 1,): count with digit >= d
+        if at_least[0] < k or hist[-1] >= k:
+            return None
+        digit = int((at_least[:nbins] >= k).nonzero().max())
+        if shift == 0:
+            key, kept = base + digit, int(at_least[digit])
+            return key, kept - int(hist[1]) if key == 0 else kept  # a zero threshold keeps non-zeros
+        step = min(16, shift)
+        base, shift, nbins = (base + digit) << step, shift - step, 1 << step
+
+
+def _guess_window(source: Source, k: int, total: int, dtype: torch.dtype) -> tuple[int, int] | None:
+    """Keys (low, high) that bracket the k-th largest with high probability, from a strided sample."""
+    stride = total // SAMPLE
+    if stride < 4 or torch.finfo(dtype).bits == 16:
+        return None  # small inputs and 16-bit floats (a single pass) need no guess
+    sample = torch.cat([p.abs() for p in source(stride)])  # (about SAMPLE,)
+    n, q = sample.numel(), k / total
+    slack = 5 * (n * q * (1 - q)) ** 0.5 + 5  # five standard deviations of the sampled rank
+    high_rank, low_rank = round(q * n - slack), round(q * n + slack)  # ranks from the top
+    keys = torch.topk(sample.view(_BITS_AS_INT[dtype]).long(), min(n, max(low_rank, 1))).values  # descending
+    high = int(keys[high_rank - 1]) if high_rank >= 1 else torch.iinfo(torch.int64).max
+    low = int(keys[low_rank - 1]) if low_rank <= n else 0
+    return low, min(high, (1 << (torch.finfo(dtype).bits - 1)) - 1)
+
+
+def kth_largest_magnitude(source: Source, k: int, total: int | None = None) -> tuple[Tensor, int]:
+    """Exact k-th largest |x| over the pieces of `source`, and how many entries are >= it (ties).
+
+    Args:
+        source: source(stride) yields 1-D pieces of one floating dtype covering x[::stride].
+        k: rank from the top, 1 <= k <= number of entries.
+        total: number of entries (enables the sampled one-pass window when large).
+
+    Returns:
+        (threshold as a 0-dim tensor of the pieces' dtype, number of entries with |x| >= threshold;
+        for a zero threshold, the number of non-zero entries).
+    """
+    first = next(iter(source(1)))
+    bits = torch.finfo(first.dtype).bits
+    found, window = None, _guess_window(source, k, total, first.dtype) if total else None
+    if window is not None:
+        low, high = window
+        shift = 0
+        while (high >> shift) - (low >> shift) + 1 > MAX_BINS:
+            shift += 1
+        found = _radix(source, k, shift, low >> shift, (high >> shift) - (low >> shift) + 1)
+    if found is None:
+        found = _radix(source, k, bits - 16, 0, 1 << 15)  # top digit: 15 bits (sign cleared)
+    key, kept = found
+    threshold = torch.tensor(key, dtype=_BITS_AS_INT[first.dtype]).view(first.dtype)
+    return threshold.to(first.device), kept
+
+
+def shrink_level(threshold: Tensor) -> float:
+    """The largest float below `threshold` (0 for a zero threshold): hardshrink at it keeps |x| >= threshold."""
+    bits = threshold.view(_BITS_AS_INT[threshold.dtype])
+    return float((bits - 1).clamp_(min=0).view(threshold.dtype))
+
+
+def keep_at_least(x: Tensor, threshold: Tensor) -> Tensor:
+    """Entries of `x` with |x| >= threshold (non-zero ones when threshold is 0), the rest zeroed."""
+    return torch.nn.functional.hardshrink(x, shrink_level(threshold.to(x.dtype)))
+
+
+def _common_dtype(tensors: Iterable[Tensor]) -> torch.dtype:
+    """The promoted floating dtype of `tensors`."""
+    dtype = None
+    for t in tensors:
+        dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def top(x: Mapping[str, Tensor], density: float, scope: str = "global") -> tuple[dict[str, Tensor], float]:
+    """Keep the largest-magnitude `density` fraction of the entries of `x`, zero the rest.
+
+    Args:
+        x: state-dict-like mapping of floating-point tensors (not modified).
+        density: fraction of entries to keep, in (0, 1].
+        scope: "global" ranks all entries of `x` together (original TIES code); "tensor" ranks
+            within each tensor (mergekit, peft).
+
+    Returns:
+        (kept, realised_density): the sparsified copy and the fraction of entries actually kept.
+        Entries tied with the threshold are all kept, so the count exceeds round(density·n) by at
+        most the number of ties; a zero threshold keeps only non-zero entries.
+    """
+    check_state_dict(x, "x")
+    density = check_density(density)
+    check_choice(scope, "scope", SCOPES)
+    total = sum(t.numel() for t in x.values())
+    if scope == "global":
+        dtype = _common_dtype(x.values())
+        threshold, kept = kth_largest_magnitude(
+            lambda stride: (c.to(dtype) for t in x.values() for c in chunks(t.reshape(-1)[::stride])),
+            num_kept(density, total), total,
+        )
+        return {name: keep_at_least(t, threshold) for name, t in x.items()}, kept / total
+    out, kept = {}, 0
+    for name, t in x.items():
+        if t.numel() == 0:
+            out[name] = t.clone()
+            continue
+        source = lambda stride, t=t: chunks(t.reshape(-1)[::stride])  # noqa: E731
+        threshold, kept_here = kth_largest_magnitude(source, num_kept(density, t.numel()), t.numel())
+        out[name], kept = keep_at_least(t, threshold), kept + kept_here
+    return out, kept / total

@@ -1,0 +1,148 @@
+"""BYOM-FFT and post-pruning: one step, `anchor + top(θ_t − anchor)`, after or without a merge.
+
+BYOM-FFT (arXiv 2310.01886) merges first (any registered merger) and keeps, per task, the top-m%
+of θ_t − θ*; post-pruning keeps the top-m% of θ_t − θ0 and merges nothing. Both are the same
+compression step applied to a different anchor; only the order of "merge" and "prune" differs.
+Kept entries are stored as flat indices + the fine-tuned values there (θ* + u_t = θ_t at a kept
+entry), so density 1 restores every θ_t bit for bit.
+"""
+from dataclasses import dataclass
+from typing import Callable, Mapping, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+from torch.nn.functional import hardshrink
+
+from .checks import check_choice, check_density, check_models
+from .general import Recipe, task_thresholds, tensor_threshold, vector_chunks
+from .registry import get_method, method_inputs, register
+from .results import TaskExtras
+from .select import SCOPES, chunk_size, shrink_level
+
+StateDict = Mapping[str, Tensor]
+
+
+class SparseEntries(NamedTuple):
+    """Kept entries of one tensor: flat indices (int32 when they fit) and the values there."""
+
+    indices: Tensor
+    values: Tensor
+
+
+@dataclass
+class SparseTaskResult(TaskExtras):
+    """A shared model plus, per task, a sparse set of entries replaced by the task's own values."""
+
+    merged: dict[str, Tensor]
+    entries: list[dict[str, SparseEntries]]  # entries[t][key]
+    density: list[float]  # realised fraction of entries kept, per task
+
+    @property
+    def num_tasks(self) -> int:
+        """Number of tasks."""
+        return len(self.entries)
+
+    def task_state_dict(self, t: int) -> dict[str, Tensor]:
+        """The full state dict for task t: merged with task t's kept entries written in."""
+        self._check_task(t)
+        out = {}
+        for key, shared in self.merged.items():
+            tensor = shared.clone()
+            kept = self.entries[t][key]
+            tensor.view(-1).index_copy_(0, kept.indices.long(), kept.values)
+            out[key] = tensor
+        return out
+
+    def task_params(self, t: int) -> int:
+        """Kept entries of task t: the paper's m% of the parameters."""
+        return sum(e.values.numel() for e in self.entries[t].values())
+
+    def task_bytes(self, t: int) -> int:
+        """Bytes of task t's indices and values."""
+        return sum(e.indices.nbytes + e.values.nbytes for e in self.entries[t].values())
+
+
+def _extract(anchor: Tensor, model: Tensor, recipe: Recipe, t: int, key: str, level: float) -> SparseEntries:
+    """Positions where |model − anchor| clears `level`, with the model's values there."""
+    flat_model, positions = model.reshape(-1), []
+    starts = range(0, anchor.numel(), chunk_size(anchor))
+    for start, u in zip(starts, vector_chunks(anchor, model, recipe, t, key), strict=True):
+        positions.append(hardshrink(u, level).bool().nonzero().squeeze(1).add_(start))  # (kept,)
+    indices = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64, device=model.device)
+    values = flat_model.index_select(0, indices)
+    return SparseEntries(indices.int() if anchor.numel() < 2**31 else indices, values)
+
+
+def compress(anchor: StateDict, finetuned: Sequence[StateDict], density: float, scope: str) -> SparseTaskResult:
+    """Per task, keep the top-`density` entries of θ_t − anchor (validated inputs assumed)."""
+    recipe = Recipe(density=density, scope=scope)
+    keys, total = list(anchor), sum(t.numel() for t in anchor.values())
+    base, models = anchor.__getitem__, [model.__getitem__ for model in finetuned]
+    found = task_thresholds(keys, base, models, recipe) if scope == "global" else None
+    kept = [n for _, n in found] if found else [0] * len(models)
+    entries = [{} for _ in models]
+    for key in keys:
+        for t, model in enumerate(models):
+            if found:
+                threshold = found[t][0]
+            else:
+                threshold, n = tensor_threshold(key, base, model, recipe, t)
+                kept[t] += n
+            entries[t][key] = _extract(anchor[key], model(key), recipe, t, key, shrink_level(threshold))
+    return SparseTaskResult(dict(anchor), entries, [n / total for n in kept])
+
+
+def merge_step(base: str | Callable, pretrained: StateDict, finetuned: Sequence[StateDict],
+               **base_kwargs) -> dict[str, Tensor]:
+    """θ* from the registered merger `base` (or a callable); a result object gives its `.merged`."""
+    if not callable(base):
+        get_method(base)
+        if method_inputs(base) != "finetuned":
+            raise ValueError(f"base {base!r} merges LoRA factors, not fine-tuned state dicts")
+        base = get_method(base)
+    merged = base(pretrained, finetuned, **base_kwargs)
+    return merged.merged if hasattr(merged, "merged") else merged
+
+
+@register("byom_fft")
+def byom_fft(pretrained: StateDict, finetuned: Sequence[StateDict], density: float = 0.1,
+             base: str | Callable = "task_arithmetic", scope: str = "global", **base_kwargs) -> SparseTaskResult:
+    """BYOM-FFT: merge, then keep per task the top-m% of θ_t − θ* (arXiv 2310.01886).
+
+    Args:
+        pretrained: θ0.
+        finetuned: [θ_t], one state dict per task.
+        density: m as a fraction in (0, 1]: share of the parameters stored per task.
+        base: any registered merger of fine-tuned models (default task arithmetic), or a callable
+            (pretrained, finetuned) -> state dict, e.g. functools.partial(ties, density=0.2) when
+            an option's name collides with one of byom_fft's own.
+        scope: "global" ranks each task's whole residual, "tensor" each tensor.
+        **base_kwargs: options of the base merger (e.g. lam=0.3).
+
+    Returns:
+        SparseTaskResult: `.merged` = θ*, `.task_state_dict(t)` = θ* + top(θ_t − θ*, m).
+    """
+    check_density(density)
+    check_choice(scope, "scope", SCOPES)
+    merged = merge_step(base, pretrained, finetuned, **base_kwargs)
+    return compress(merged, finetuned, density, scope)
+
+
+@register("post_pruning")
+def post_pruning(pretrained: StateDict, finetuned: Sequence[StateDict], density: float = 0.1,
+                 scope: str = "global") -> SparseTaskResult:
+    """Post-pruning: θ0 + top(v_t, m) per task, no merging (BYOM's prune-then-merge baseline, arXiv 2310.01886).
+
+    Args:
+        pretrained: θ0.
+        finetuned: [θ_t], one state dict per task.
+        density: m as a fraction in (0, 1].
+        scope: "global" or "tensor" ranking.
+
+    Returns:
+        SparseTaskResult with `.merged` = θ0.
+    """
+    check_density(density)
+    check_choice(scope, "scope", SCOPES)
+    check_models(pretrained, finetuned)
+    return compress({k: v.clone() for k, v in pretrained.items()}, finetuned, density, scope)

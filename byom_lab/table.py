@@ -1,0 +1,106 @@
+"""The headline results table: every method on every task of a suite, hyperparameters from val."""
+import functools
+import json
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from . import cache, merging
+from .evaluation import evaluate
+from .finetune import apply_lora
+
+LAMBDA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))
+DENSITIES = (0.01, 0.05, 0.10)
+TIES_DENSITIES = (0.1, 0.2)
+
+
+def mean_accuracy(suite, models, split="val") -> float:
+    return float(evaluate(suite, models, split)["accuracy"].mean())
+
+
+def select_lambda(suite, method: str = "task_arithmetic", grid=LAMBDA_GRID, **kwargs):
+    """λ maximising mean validation accuracy of merging.<method>(..., lam=λ); returns (λ, {λ: score}).
+
+    Only the validation split is read. The scores are cached per suite, method, grid and options.
+    """
+    fn = merging.get_method(method)
+    grid = [float(g) for g in grid]
+    if not grid:
+        raise ValueError("empty λ grid")
+
+    def build(tmp):
+        scores = {}
+        for lam in tqdm(grid, desc=f"λ for {method}", leave=False):
+            models = fn(suite.pretrained, suite.finetuned, lam=lam, **kwargs)
+            scores[lam] = mean_accuracy(suite, models, "val")
+        tmp.write_text(json.dumps(list(scores.items())))
+
+    key = {"method": method, "grid": grid, "kwargs": kwargs, "suite": suite.info["identity"]}
+    path = cache.entry("lambda", key) / "scores.json"
+    scores = dict(cache.cached(path, build, lambda p: [tuple(x) for x in json.loads(p.read_text())]))
+    best = max(scores, key=lambda k: (scores[k], -k))
+    return best, scores
+
+
+def _row(suite, label, models, split, extra_params=0, **hyper):
+    df = evaluate(suite, models, split)
+    row = {"method": label, **dict(zip(df["task"], 100 * df["accuracy"]))}
+    row["average"] = 100 * df["accuracy"].mean()
+    row["normalized"] = 100 * df["normalized_accuracy"].mean()
+    row["extra_params_per_task"] = extra_params
+    row["hyperparameters"] = ", ".join(f"{k}={v}" for k, v in hyper.items())
+    return row
+
+
+def select_ties(suite, densities=TIES_DENSITIES, grid=LAMBDA_GRID):
+    """(density, λ) of TIES maximising mean validation accuracy."""
+    best = None
+    for d in densities:
+        lam, scores = select_lambda(suite, "ties", grid=grid, density=d)
+        if best is None or scores[lam] > best[2]:
+            best = (d, lam, scores[lam])
+    return best[0], best[1]
+
+
+def headline_table(suite, split: str = "test", densities=DENSITIES, lambda_grid=LAMBDA_GRID,
+                   ties_densities=TIES_DENSITIES, ranks=None) -> pd.DataFrame:
+    """The paper's main table for a suite: one row per method, accuracy per task, averages, storage.
+
+    Hyperparameters (λ of task arithmetic and of the BYOM-FFT base, TIES density and λ) are chosen on
+    the validation split; each row says which it used.
+    """
+    n_params = sum(v.numel() for v in suite.pretrained.values())
+    pre, fts = suite.pretrained, suite.finetuned
+    lam, _ = select_lambda(suite, grid=lambda_grid)
+    t_density, t_lam = select_ties(suite, ties_densities, lambda_grid)
+    lora_rank = min(b.shape[1] for b, _ in suite.lora[0].values()) if suite.lora else 0
+    ranks = ranks if ranks is not None else sorted({1, 2, 4, max(1, lora_rank // 2)} & set(range(1, lora_rank + 1)))
+    rows = [
+        _row(suite, "zero-shot (pretrained)", pre, split),
+        _row(suite, "individual fine-tuned (full)", fts, split, n_params),
+    ]
+    if suite.lora:
+        rows.append(_row(suite, "individual fine-tuned (LoRA)", [apply_lora(pre, l) for l in suite.lora], split,
+                         sum(b.numel() + a.numel() for b, a in suite.lora[0].values()), r=lora_rank))
+    rows += [
+        _row(suite, "simple average", merging.simple_average(pre, fts), split),
+        _row(suite, "task arithmetic", merging.task_arithmetic(pre, fts, lam=lam), split, lam=lam),
+        _row(suite, "TIES", merging.ties(pre, fts, density=t_density, lam=t_lam), split, density=t_density, lam=t_lam),
+        _row(suite, "DARE + task arithmetic", merging.dare(pre, fts, drop=0.5, lam=lam), split, drop=0.5, lam=lam, seed=0),
+    ]
+    emr = merging.emr(pre, fts)
+    rows.append(_row(suite, "EMR-Merging", emr, split, emr.num_params()))
+    for d in tqdm(densities, desc="pruning", leave=False):
+        m = f"{100 * d:g}%"
+        post = merging.post_pruning(pre, fts, density=d)
+        rows.append(_row(suite, f"post-pruning m={m}", post, split, post.num_params()))
+        byom = merging.byom_fft(pre, fts, density=d, base="task_arithmetic", lam=lam)
+        rows.append(_row(suite, f"BYOM-FFT m={m}", byom, split, byom.num_params(), lam=lam))
+    d = max(densities)
+    byom_ties = merging.byom_fft(pre, fts, density=d, base=functools.partial(merging.ties, density=t_density), lam=t_lam)
+    rows.append(_row(suite, f"BYOM-FFT on TIES m={100 * d:g}%", byom_ties, split, byom_ties.num_params(),
+                     ties_density=t_density, lam=t_lam))
+    for q in ranks:
+        result = merging.byom_lora(pre, suite.lora, rank=q)
+        rows.append(_row(suite, f"BYOM-LoRA q={q}", result, split, result.num_params()))
+    return pd.DataFrame(rows).set_index("method")

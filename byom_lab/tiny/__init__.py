@@ -1,0 +1,1 @@
+"""The offline `tiny` suite: generated tasks, word tokenizer, backbone recipe."""

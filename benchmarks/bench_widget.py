@@ -20,7 +20,7 @@ M_VALUES = [0.5, 1, 2, 5, 10, 20]
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", default="tiny")
-    p.add_argument("--limit", type=int, default=100, help="test images per task the panel evaluates")
+    p.add_argument("--limit", type=int, default=40, help="test images per task the panel evaluates")
     p.add_argument("--repeats", type=int, default=1)
     args = p.parse_args()
     suite = bl.load_suite(args.suite)

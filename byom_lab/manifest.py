@@ -86,8 +86,12 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def check_sha256(what: str, actual: str, expected) -> None:
-    """Raise ChecksumError naming `what` when a recorded checksum differs."""
-    if expected and actual != expected:
+    """Raise ChecksumError naming `what` when a recorded checksum differs (None: nothing recorded)."""
+    if expected is None:
+        return
+    if not isinstance(expected, str):
+        raise ChecksumError(f"manifest sha256 for {what} must be a quoted hex string, got {expected!r}")
+    if actual != expected:
         raise ChecksumError(f"checksum mismatch for {what}: manifest says sha256 {expected}, got {actual}")
 
 
@@ -118,7 +122,7 @@ def record_asset_sha256(name: str, sha: str) -> None:
     block = re.search(rf"^  {re.escape(name)}:\n(?:    .*\n)+", text, flags=re.M)
     if not block:
         raise KeyError(f"asset {name!r} not found in {path}")
-    new_block = re.sub(r"^    sha256: .*$", f"    sha256: {sha}", block.group(0), count=1, flags=re.M)
+    new_block = re.sub(r"^    sha256: .*$", f'    sha256: "{sha}"', block.group(0), count=1, flags=re.M)
     with atomic_path(path) as tmp:
         tmp.write_text(text[: block.start()] + new_block + text[block.end():])
     _load.cache_clear()

@@ -1,5 +1,6 @@
 """The tiny CLIP: open_clip model from a custom config, image-tower helpers and zero-shot heads."""
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -29,7 +30,11 @@ def create_tiny_clip(seed: int = 0):
     """A freshly initialised tiny CLIP (deterministic for a seed)."""
     oc = open_clip()
     torch.manual_seed(seed)
-    return oc.create_model(TINY_MODEL, pretrained=None)
+    logging.disable(logging.WARNING)  # open_clip warns "no pretrained weights"; ours are loaded next
+    try:
+        return oc.create_model(TINY_MODEL, pretrained=None)
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def preprocess(images_uint8: torch.Tensor) -> torch.Tensor:

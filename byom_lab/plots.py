@@ -46,6 +46,9 @@ def accuracy_vs_m(sweep, reference=None, ax=None):
     for i, (label, value) in enumerate((reference or {}).items()):
         ax.axhline(value, ls="--", lw=1, color=f"C{i + 2}", label=label)
     ax.set_xscale("log")
+    ax.set_xticks(sorted(data["m_percent"].unique()))
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel("m: parameters kept per task (%)")
     _percent_axis(ax)
     ax.legend()
@@ -125,7 +128,7 @@ def task_vector_similarity(vectors, names):
     import pandas as pd
     import torch
 
-    flat = torch.stack([torch.cat([v[k].reshape(-1).float() for k in sorted(v)]) for v in vectors])
+    flat = torch.stack([torch.cat([v[k].reshape(-1).double() for k in sorted(v)]) for v in vectors])  # float64: 4.8M-term sums
     flat = torch.nn.functional.normalize(flat, dim=1)
     return pd.DataFrame((flat @ flat.T).numpy(), index=list(names), columns=list(names))
 

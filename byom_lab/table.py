@@ -12,6 +12,7 @@ from .finetune import apply_lora
 LAMBDA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))
 DENSITIES = (0.01, 0.05, 0.10)
 TIES_DENSITIES = (0.1, 0.2)
+TIES_LAMBDA_GRID = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)  # TIES averages agreeing entries, so it wants a larger λ
 
 
 def mean_accuracy(suite, models, split="val") -> float:
@@ -52,7 +53,7 @@ def _row(suite, label, models, split, extra_params=0, **hyper):
     return row
 
 
-def select_ties(suite, densities=TIES_DENSITIES, grid=LAMBDA_GRID):
+def select_ties(suite, densities=TIES_DENSITIES, grid=TIES_LAMBDA_GRID):
     """(density, λ) of TIES maximising mean validation accuracy."""
     best = None
     for d in densities:
@@ -63,7 +64,7 @@ def select_ties(suite, densities=TIES_DENSITIES, grid=LAMBDA_GRID):
 
 
 def headline_table(suite, split: str = "test", densities=DENSITIES, lambda_grid=LAMBDA_GRID,
-                   ties_densities=TIES_DENSITIES, ranks=None) -> pd.DataFrame:
+                   ties_densities=TIES_DENSITIES, ties_grid=TIES_LAMBDA_GRID, ranks=None) -> pd.DataFrame:
     """The paper's main table for a suite: one row per method, accuracy per task, averages, storage.
 
     Hyperparameters (λ of task arithmetic and of the BYOM-FFT base, TIES density and λ) are chosen on
@@ -72,7 +73,7 @@ def headline_table(suite, split: str = "test", densities=DENSITIES, lambda_grid=
     n_params = sum(v.numel() for v in suite.pretrained.values())
     pre, fts = suite.pretrained, suite.finetuned
     lam, _ = select_lambda(suite, grid=lambda_grid)
-    t_density, t_lam = select_ties(suite, ties_densities, lambda_grid)
+    t_density, t_lam = select_ties(suite, ties_densities, ties_grid)
     lora_rank = min(b.shape[1] for b, _ in suite.lora[0].values()) if suite.lora else 0
     ranks = ranks if ranks is not None else sorted({1, 2, 4, max(1, lora_rank // 2)} & set(range(1, lora_rank + 1)))
     rows = [

@@ -93,7 +93,7 @@ class ByomPanel:
     """m% slider, base-merger dropdown and task checkboxes; each change re-evaluates and redraws."""
 
     def __init__(self, suite, bases=("task_arithmetic", "simple_average", "ties", "post_pruning"), lam: float = 0.3,
-                 split: str = "test", limit: int = 100):
+                 split: str = "test", limit: int = 40):
         import ipywidgets as w
 
         self.fast, self.split, self.limit = FastByom(suite, lam), split, limit
@@ -105,7 +105,7 @@ class ByomPanel:
         for control in [self.m, self.base, *self.checks]:
             control.observe(lambda _: self.refresh(), names="value")
         self.widget = w.VBox([w.HBox([self.m, self.base]), w.HBox(self.checks, layout=w.Layout(flex_flow="row wrap")), self.out])
-        self.last = None
+        self.last, self.message = None, ""
         self.refresh()
 
     def refresh(self):
@@ -113,10 +113,12 @@ class ByomPanel:
         self.out.clear_output(wait=True)
         with self.out:
             if not tasks:
-                print("select at least one task")
+                self.last, self.message = None, "select at least one task"
+                print(self.message)
                 return
             accs = byom_accuracies(self.fast, self.m.value, self.base.value, tasks, self.split, self.limit)
             self.last = accs
+            self.message = f"m = {self.m.value:g}%: mean accuracy {100 * sum(accs.values()) / len(accs):.1f}%"
             fig = plot_byom_panel(accs, self.reference, self.m.value, self.base.value)
             display(fig)
             plt.close(fig)

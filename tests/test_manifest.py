@@ -25,7 +25,7 @@ def test_wrong_checksum_is_a_clear_error(tmp_path, monkeypatch):
     mf._load.cache_clear()
     try:
         mf.record_asset_sha256("tiny-clip", "0" * 64)
-        assert "sha256: " + "0" * 64 in path.read_text()
+        assert 'sha256: "' + "0" * 64 + '"' in path.read_text()
         assert "# Every dataset" in path.read_text()  # comments kept
         with pytest.raises(mf.ChecksumError, match="tiny-clip.*0000"):
             mf.verified_asset("tiny-clip")

@@ -27,15 +27,27 @@ def predictions(suite, state_dict: dict, task, split: str = "test", batch_size: 
     x, y = suite.inputs(t, split)
     if limit is not None:
         x, y = x[:limit], y[:limit]
-    device = next(iter(state_dict.values())).device
+    device = eval_device()
+    if device.type != "cpu":
+        state_dict = {k: v.to(device, non_blocking=True) for k, v in state_dict.items()}
     head = suite.heads[t].to(device)
+    visual = suite.visual.to(device)
     out = []
     for i in range(0, len(y), batch_size):
         xb = x[i:i + batch_size]
         xb = suite.normalize(xb) if xb.dtype == torch.uint8 else xb
-        feats = encode_images(suite.visual.to(device), xb.to(device), state_dict)
-        out.append((feats @ head.T).argmax(1).cpu())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            feats = encode_images(visual, xb.to(device), state_dict)
+        out.append((feats.float() @ head.T).argmax(1).cpu())
     return torch.cat(out), y
+
+
+def eval_device() -> torch.device:
+    """The GPU when one is present (override with BYOM_LAB_DEVICE), else the CPU."""
+    import os
+
+    name = os.environ.get("BYOM_LAB_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def accuracy(suite, state_dict: dict, task, split: str = "test", limit: int = None) -> float:

@@ -1,4 +1,4 @@
-"""Notebook hygiene: drop execution counts and volatile metadata (`byom-lab clean-notebooks`)."""
+"""Notebook hygiene: drop execution counts, unchecked outputs and volatile metadata (`byom-lab clean-notebooks`)."""
 import json
 from pathlib import Path
 
@@ -13,10 +13,17 @@ def clean(nb: dict) -> dict:
         cell["metadata"] = {k: v for k, v in cell.get("metadata", {}).items() if k not in VOLATILE_CELL_KEYS}
         cell.pop("id", None)
         if cell["cell_type"] == "code":
-            cell["execution_count"] = None
+            # nbval compares only cells marked NBVAL_CHECK_OUTPUT and refuses stored outputs on
+            # cells without an execution count: checked cells keep theirs (count fixed at 1),
+            # every other cell is stored without outputs.
+            checked = "NBVAL_CHECK_OUTPUT" in "".join(cell.get("source", ""))
+            count = 1 if checked else None
+            cell["execution_count"] = count
+            if not checked:
+                cell["outputs"] = []
             for out in cell.get("outputs", []):
                 if "execution_count" in out:
-                    out["execution_count"] = None
+                    out["execution_count"] = count
                 out.get("metadata", {}).pop("transient", None)
                 data = out.get("data", {})
                 data.pop("application/vnd.jupyter.widget-view+json", None)

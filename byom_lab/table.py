@@ -49,6 +49,10 @@ def _row(suite, label, models, split, extra_params=0, **hyper):
     row["average"] = 100 * df["accuracy"].mean()
     row["normalized"] = 100 * df["normalized_accuracy"].mean()
     row["extra_params_per_task"] = extra_params
+    if hasattr(models, "nbytes") and callable(models.nbytes):  # a result object: its stored extras
+        row["extra_bytes_per_task"] = models.nbytes()
+    else:  # dense copies (individual models) in the backbone's dtype
+        row["extra_bytes_per_task"] = extra_params * next(iter(suite.pretrained.values())).element_size()
     row["hyperparameters"] = ", ".join(f"{k}={v}" for k, v in hyper.items())
     return row
 

@@ -5,6 +5,7 @@ from IPython.display import display
 
 from . import merging
 from .evaluation import accuracy
+from .finetune import apply_lora
 
 
 class FastByom:
@@ -72,18 +73,20 @@ def byom_accuracies(fast: FastByom, m_percent: float, base: str = "task_arithmet
     return out
 
 
-def plot_byom_panel(accs: dict, reference: dict, m_percent: float, base: str):
-    """Bar chart of per-task accuracy at m% next to each task's fine-tuned accuracy."""
+def plot_byom_panel(accs: dict, reference: dict, m_percent: float, base: str, label: str = "fine-tuned",
+                    setting: str = None):
+    """Bar chart of per-task accuracy (at m%, or another `setting`) next to each task's reference accuracy."""
+    setting = setting or f"m = {m_percent:g}%"
     fig, ax = plt.subplots(figsize=(7, 3.2))
     names = list(accs)
     xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [100 * reference[n] for n in names], width=0.4, label="fine-tuned", color="0.75")
-    ax.bar([x + 0.2 for x in xs], [100 * accs[n] for n in names], width=0.4, label=f"{base} + top {m_percent:g}%")
+    ax.bar([x - 0.2 for x in xs], [100 * reference[n] for n in names], width=0.4, label=label, color="0.75")
+    ax.bar([x + 0.2 for x in xs], [100 * accs[n] for n in names], width=0.4, label=f"{base}, {setting}")
     ax.set_xticks(list(xs), names, rotation=30, ha="right")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     mean = 100 * sum(accs.values()) / len(accs)
-    ax.set_title(f"m = {m_percent:g}%: mean accuracy {mean:.1f}%")
+    ax.set_title(f"{setting}: mean accuracy {mean:.1f}%")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
@@ -120,5 +123,68 @@ class ByomPanel:
             self.last = accs
             self.message = f"m = {self.m.value:g}%: mean accuracy {100 * sum(accs.values()) / len(accs):.1f}%"
             fig = plot_byom_panel(accs, self.reference, self.m.value, self.base.value)
+            display(fig)
+            plt.close(fig)
+
+
+class FastLora:
+    """BYOM-LoRA (base "pretrained") at any q from one SVD per task and matrix, computed once."""
+
+    def __init__(self, suite):
+        if not suite.lora:
+            raise ValueError(f"suite {suite.name!r} has no LoRA fine-tunes")
+        self.suite = suite
+        self.svd = [{k: merging.factored_svd(b, a) for k, (b, a) in lora.items()} for lora in suite.lora]
+        self.max_rank = min(len(s) for task in self.svd for _, s, _ in task.values())
+
+    def task_state_dict(self, t: int, rank: int) -> dict:
+        """θ0 + U_q Σ_q V_qᵀ for every adapted matrix of task t."""
+        if not 1 <= rank <= self.max_rank:
+            raise ValueError(f"rank must lie in 1..{self.max_rank}, got {rank}")
+        out = dict(self.suite.pretrained)
+        for k, (u, s, v) in self.svd[t].items():
+            out[k] = out[k] + (u[:, :rank] * s[:rank]) @ v[:, :rank].T
+        return out
+
+
+def lora_accuracies(fast: FastLora, rank: int, tasks=None, split: str = "test", limit: int = None) -> dict:
+    """{task: accuracy} of BYOM-LoRA at rank q on the first `limit` images of each task."""
+    suite = fast.suite
+    names = suite.tasks if tasks is None else list(tasks)
+    if not names:
+        raise ValueError("select at least one task")
+    return {n: accuracy(suite, fast.task_state_dict(suite.task_index(n), rank), n, split, limit=limit) for n in names}
+
+
+class LoraPanel:
+    """q slider and task checkboxes for BYOM-LoRA; each change re-evaluates and redraws."""
+
+    def __init__(self, suite, split: str = "test", limit: int = 40):
+        import ipywidgets as w
+
+        self.fast, self.split, self.limit = FastLora(suite), split, limit
+        full = [apply_lora(suite.pretrained, lora) for lora in suite.lora]
+        self.reference = {n: accuracy(suite, full[t], t, split, limit=limit) for t, n in enumerate(suite.tasks)}
+        self.q = w.IntSlider(value=1, min=1, max=self.fast.max_rank, description="q", continuous_update=False)
+        self.checks = [w.Checkbox(value=True, description=n, indent=False) for n in suite.tasks]
+        self.out = w.Output()
+        for control in [self.q, *self.checks]:
+            control.observe(lambda _: self.refresh(), names="value")
+        self.widget = w.VBox([self.q, w.HBox(self.checks, layout=w.Layout(flex_flow="row wrap")), self.out])
+        self.last, self.message = None, ""
+        self.refresh()
+
+    def refresh(self):
+        tasks = [c.description for c in self.checks if c.value]
+        self.out.clear_output(wait=True)
+        with self.out:
+            if not tasks:
+                self.last, self.message = None, "select at least one task"
+                print(self.message)
+                return
+            self.last = lora_accuracies(self.fast, self.q.value, tasks, self.split, self.limit)
+            self.message = f"q = {self.q.value}: mean accuracy {100 * sum(self.last.values()) / len(self.last):.1f}%"
+            fig = plot_byom_panel(self.last, self.reference, self.q.value, "BYOM-LoRA", label="LoRA fine-tuned",
+                                  setting=f"q = {self.q.value}")
             display(fig)
             plt.close(fig)

@@ -6,7 +6,7 @@ import torch
 import byom_lab as bl
 from byom_lab import merging, plots, studies
 from byom_lab.table import headline_table, select_lambda
-from byom_lab.widgets import ByomPanel, FastByom, byom_accuracies
+from byom_lab.widgets import ByomPanel, FastByom, FastLora, LoraPanel, byom_accuracies
 
 matplotlib.use("Agg")
 
@@ -94,6 +94,12 @@ def test_headline_table_has_every_row_and_accuracy_vs_params(reduced):
     table = headline_table(suite, split="val", densities=(0.05,), lambda_grid=(0.3,), ties_densities=(0.2,), ties_grid=(1.0,), ranks=(2,))
     assert {"zero-shot (pretrained)", "task arithmetic", "BYOM-FFT m=5%", "post-pruning m=5%"} <= set(table.index)
     assert table.loc["individual fine-tuned (full)", "normalized"] == pytest.approx(100)
+    n = sum(v.numel() for v in suite.pretrained.values())
+    assert table.loc["individual fine-tuned (full)", "extra_bytes_per_task"] == 4 * n
+    assert table.loc["task arithmetic", "extra_bytes_per_task"] == 0
+    byom = table.loc["BYOM-FFT m=5%"]
+    assert byom["extra_params_per_task"] == pytest.approx(0.05 * n, rel=0.01)
+    assert byom["extra_bytes_per_task"] == pytest.approx(8 * byom["extra_params_per_task"], rel=1e-5)  # int32 index + float32 value
     fig = plots.accuracy_vs_params(table)
     assert fig.axes[0].get_xscale() == "log"
 
@@ -122,6 +128,22 @@ def test_widget_callback_updates_its_output(reduced):
     assert panel.last != first or first == panel.reference
     panel.checks[0].value = False
     assert list(panel.last) == suite.tasks[1:] and panel.message.startswith("m = 100%")
+    for c in panel.checks:
+        c.value = False
+    assert panel.last is None and panel.message == "select at least one task"
+
+
+def test_fast_lora_matches_the_merging_core_and_its_panel_updates(reduced):
+    suite, _ = reduced
+    fast = FastLora(suite)
+    ref = merging.byom_lora(suite.pretrained, suite.lora, rank=2)
+    got, want = fast.task_state_dict(1, 2), ref.task_state_dict(1)
+    assert all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
+    with pytest.raises(ValueError, match="rank must lie in 1..8"):
+        fast.task_state_dict(0, 9)
+    panel = LoraPanel(suite, limit=40)
+    panel.q.value = fast.max_rank  # q = r: every task gets its LoRA model back
+    assert panel.last == pytest.approx(panel.reference) and panel.message.startswith("q = 8")
     for c in panel.checks:
         c.value = False
     assert panel.last is None and panel.message == "select at least one task"

@@ -36,8 +36,13 @@ def test_clean_removes_volatile_fields():
           "cells": [{"cell_type": "code", "execution_count": 7, "metadata": {"execution": {"t": 1}}, "source": "1",
                      "outputs": [{"output_type": "execute_result", "execution_count": 7, "data": {"text/plain": "1"}, "metadata": {}}]}],
           "nbformat": 4, "nbformat_minor": 5}
+    checked = json.loads(json.dumps(nb["cells"][0]))
+    checked["source"] = "# NBVAL_CHECK_OUTPUT\n1"
+    nb["cells"].append(checked)
     out = nbclean.clean(nb)
     assert out["metadata"] == {"kernelspec": {"name": "python3"}}
-    assert out["cells"][0]["execution_count"] is None and out["cells"][0]["outputs"][0]["execution_count"] is None
-    assert out["cells"][0]["metadata"] == {}
+    plain, kept = out["cells"]
+    assert plain["execution_count"] is None and plain["outputs"] == [] and plain["metadata"] == {}
+    assert kept["execution_count"] == 1 and kept["outputs"][0]["execution_count"] == 1
+    assert kept["outputs"][0]["data"] == {"text/plain": "1"}
     assert nb["cells"][0]["execution_count"] == 7  # input untouched

@@ -12,7 +12,7 @@ from .finetune import apply_lora
 LAMBDA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))
 DENSITIES = (0.01, 0.05, 0.10)
 TIES_DENSITIES = (0.1, 0.2)
-TIES_LAMBDA_GRID = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)  # TIES averages agreeing entries, so it wants a larger λ
+TIES_LAMBDA_GRID = tuple(0.5 * i for i in range(1, 9))  # 0.5..4.0: TIES averages agreeing entries, so it wants a larger λ
 
 
 def mean_accuracy(suite, models, split="val") -> float:

@@ -73,15 +73,13 @@ def byom_accuracies(fast: FastByom, m_percent: float, base: str = "task_arithmet
     return out
 
 
-def plot_byom_panel(accs: dict, reference: dict, m_percent: float, base: str, label: str = "fine-tuned",
-                    setting: str = None):
-    """Bar chart of per-task accuracy (at m%, or another `setting`) next to each task's reference accuracy."""
-    setting = setting or f"m = {m_percent:g}%"
+def plot_byom_panel(accs: dict, reference: dict, merger: str, setting: str, label: str = "fine-tuned"):
+    """Bar chart of per-task accuracy of `merger` at `setting` (e.g. "m = 5%") next to each task's reference."""
     fig, ax = plt.subplots(figsize=(7, 3.2))
     names = list(accs)
     xs = range(len(names))
     ax.bar([x - 0.2 for x in xs], [100 * reference[n] for n in names], width=0.4, label=label, color="0.75")
-    ax.bar([x + 0.2 for x in xs], [100 * accs[n] for n in names], width=0.4, label=f"{base}, {setting}")
+    ax.bar([x + 0.2 for x in xs], [100 * accs[n] for n in names], width=0.4, label=f"{merger}, {setting}")
     ax.set_xticks(list(xs), names, rotation=30, ha="right")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
@@ -92,22 +90,23 @@ def plot_byom_panel(accs: dict, reference: dict, m_percent: float, base: str, la
     return fig
 
 
-class ByomPanel:
-    """m% slider, base-merger dropdown and task checkboxes; each change re-evaluates and redraws."""
+class _Panel:
+    """Controls above task checkboxes and an output; any change re-evaluates the ticked tasks and redraws.
 
-    def __init__(self, suite, bases=("task_arithmetic", "simple_average", "ties", "post_pruning"), lam: float = 0.3,
-                 split: str = "test", limit: int = 40):
+    Subclasses set `controls`, `reference` and `reference_label`, and define `evaluate(tasks)`
+    (-> {task: accuracy}) and `setting()` (-> (merger label, setting label)).
+    """
+
+    reference_label = "fine-tuned"
+
+    def _build(self, suite, controls) -> None:
         import ipywidgets as w
 
-        self.fast, self.split, self.limit = FastByom(suite, lam), split, limit
-        self.reference = {n: accuracy(suite, suite.finetuned[t], t, split, limit=limit) for t, n in enumerate(suite.tasks)}
-        self.m = w.FloatLogSlider(value=5, base=10, min=-1, max=2, step=0.1, description="m (%)", continuous_update=False)
-        self.base = w.Dropdown(options=list(bases), value=bases[0], description="base")
         self.checks = [w.Checkbox(value=True, description=n, indent=False) for n in suite.tasks]
         self.out = w.Output()
-        for control in [self.m, self.base, *self.checks]:
+        for control in [*controls, *self.checks]:
             control.observe(lambda _: self.refresh(), names="value")
-        self.widget = w.VBox([w.HBox([self.m, self.base]), w.HBox(self.checks, layout=w.Layout(flex_flow="row wrap")), self.out])
+        self.widget = w.VBox([w.HBox(controls), w.HBox(self.checks, layout=w.Layout(flex_flow="row wrap")), self.out])
         self.last, self.message = None, ""
         self.refresh()
 
@@ -119,12 +118,32 @@ class ByomPanel:
                 self.last, self.message = None, "select at least one task"
                 print(self.message)
                 return
-            accs = byom_accuracies(self.fast, self.m.value, self.base.value, tasks, self.split, self.limit)
-            self.last = accs
-            self.message = f"m = {self.m.value:g}%: mean accuracy {100 * sum(accs.values()) / len(accs):.1f}%"
-            fig = plot_byom_panel(accs, self.reference, self.m.value, self.base.value)
+            self.last = self.evaluate(tasks)
+            merger, setting = self.setting()
+            self.message = f"{setting}: mean accuracy {100 * sum(self.last.values()) / len(self.last):.1f}%"
+            fig = plot_byom_panel(self.last, self.reference, merger, setting, label=self.reference_label)
             display(fig)
             plt.close(fig)
+
+
+class ByomPanel(_Panel):
+    """m% slider, base-merger dropdown and task checkboxes; each change re-evaluates and redraws."""
+
+    def __init__(self, suite, bases=("task_arithmetic", "simple_average", "ties", "post_pruning"), lam: float = 0.3,
+                 split: str = "test", limit: int = 40):
+        import ipywidgets as w
+
+        self.fast, self.split, self.limit = FastByom(suite, lam), split, limit
+        self.reference = {n: accuracy(suite, suite.finetuned[t], t, split, limit=limit) for t, n in enumerate(suite.tasks)}
+        self.m = w.FloatLogSlider(value=5, base=10, min=-1, max=2, step=0.1, description="m (%)", continuous_update=False)
+        self.base = w.Dropdown(options=list(bases), value=bases[0], description="base")
+        self._build(suite, [self.m, self.base])
+
+    def evaluate(self, tasks) -> dict:
+        return byom_accuracies(self.fast, self.m.value, self.base.value, tasks, self.split, self.limit)
+
+    def setting(self) -> tuple[str, str]:
+        return self.base.value, f"m = {self.m.value:g}%"
 
 
 class FastLora:
@@ -156,8 +175,10 @@ def lora_accuracies(fast: FastLora, rank: int, tasks=None, split: str = "test", 
     return {n: accuracy(suite, fast.task_state_dict(suite.task_index(n), rank), n, split, limit=limit) for n in names}
 
 
-class LoraPanel:
+class LoraPanel(_Panel):
     """q slider and task checkboxes for BYOM-LoRA; each change re-evaluates and redraws."""
+
+    reference_label = "LoRA fine-tuned"
 
     def __init__(self, suite, split: str = "test", limit: int = 40):
         import ipywidgets as w
@@ -166,25 +187,10 @@ class LoraPanel:
         full = [apply_lora(suite.pretrained, lora) for lora in suite.lora]
         self.reference = {n: accuracy(suite, full[t], t, split, limit=limit) for t, n in enumerate(suite.tasks)}
         self.q = w.IntSlider(value=1, min=1, max=self.fast.max_rank, description="q", continuous_update=False)
-        self.checks = [w.Checkbox(value=True, description=n, indent=False) for n in suite.tasks]
-        self.out = w.Output()
-        for control in [self.q, *self.checks]:
-            control.observe(lambda _: self.refresh(), names="value")
-        self.widget = w.VBox([self.q, w.HBox(self.checks, layout=w.Layout(flex_flow="row wrap")), self.out])
-        self.last, self.message = None, ""
-        self.refresh()
+        self._build(suite, [self.q])
 
-    def refresh(self):
-        tasks = [c.description for c in self.checks if c.value]
-        self.out.clear_output(wait=True)
-        with self.out:
-            if not tasks:
-                self.last, self.message = None, "select at least one task"
-                print(self.message)
-                return
-            self.last = lora_accuracies(self.fast, self.q.value, tasks, self.split, self.limit)
-            self.message = f"q = {self.q.value}: mean accuracy {100 * sum(self.last.values()) / len(self.last):.1f}%"
-            fig = plot_byom_panel(self.last, self.reference, self.q.value, "BYOM-LoRA", label="LoRA fine-tuned",
-                                  setting=f"q = {self.q.value}")
-            display(fig)
-            plt.close(fig)
+    def evaluate(self, tasks) -> dict:
+        return lora_accuracies(self.fast, self.q.value, tasks, self.split, self.limit)
+
+    def setting(self) -> tuple[str, str]:
+        return "BYOM-LoRA", f"q = {self.q.value}"

@@ -1,5 +1,3 @@
-import shutil
-
 import pytest
 
 from byom_lab import manifest as mf

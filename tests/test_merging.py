@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from byom_lab import merging as M
-from byom_lab.merging.select import chunks, kth_largest_magnitude
+from byom_lab.merging.select import chunks
 
 METHODS = ["byom_fft", "byom_lora", "dare", "emr", "post_pruning", "simple_average", "task_arithmetic", "ties"]
 
@@ -111,26 +111,41 @@ def test_top_keeps_every_tie_at_the_threshold():
     assert density == 5 / 6 and torch.equal(kept["a"], x["a"])
 
 
-def test_radix_select_uses_the_sampled_window_and_its_fallback(monkeypatch):
+def _counting_source(x, piece, passes):
+    def source(stride):
+        passes.append(stride)
+        return chunks(x[::stride], piece)
+    return source
+
+
+@pytest.mark.parametrize("k", [3000, 30_000])  # 6%: candidates in one pass; 60%: radix inside the window
+def test_selection_uses_the_sampled_window_and_its_fallbacks(monkeypatch, k):
     from byom_lab.merging import select
 
     monkeypatch.setattr(select, "SAMPLE", 1024)
     monkeypatch.setattr(select, "MAX_BINS", 1 << 22)  # small samples give wide windows
-    calls = []
+    calls, passes = [], []
     original = select._digit_histogram
     monkeypatch.setattr(select, "_digit_histogram", lambda *a: calls.append(a[1:]) or original(*a))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(50_000, generator=gen)
-    k = 3000
-    thr, _ = kth_largest_magnitude(lambda s: chunks(x[::s], 999), k, x.numel())
-    assert thr == x.abs().sort(descending=True).values[k - 1]
-    assert len(calls) == 1  # one exact pass over the guessed window
+    expected = x.abs().sort(descending=True).values[k - 1]
+    thr, kept, where = select.top_positions(_counting_source(x, 999, passes), k, x.numel())
+    assert thr == expected and kept == k
+    assert torch.equal(where, (x.abs() >= expected).nonzero().squeeze(1))
+    if k == 3000:  # a peek at the first piece, then one pass keeping the candidates; no histogram
+        assert calls == [] and passes.count(1) == 2
+    else:  # a peek, histogram passes inside the window (no full-range digit), then the positions
+        assert 1 <= len(calls) <= 2 and calls[0][0] < 16 and passes.count(1) == len(calls) + 2
+
     stride = x.numel() // 1024
-    x[::stride] = 100.0  # the strided sample now sees only huge values: the guess misses
-    calls.clear()
-    thr, _ = kth_largest_magnitude(lambda s: chunks(x[::s], 999), k, x.numel())
-    assert thr == x.abs().sort(descending=True).values[k - 1]
-    assert len(calls) >= 3  # the window pass, then the full two-level radix select
+    for planted in (100.0, 0.0):  # the sample sees only huge values, then only zeros: the guess misses
+        y = x.clone()
+        y[::stride] = planted
+        expected = y.abs().sort(descending=True).values[k - 1]
+        thr, kept, where = select.top_positions(_counting_source(y, 999, []), k, y.numel())
+        assert thr == expected and kept == int((y.abs() >= expected).sum())
+        assert torch.equal(where, (y.abs() >= expected).nonzero().squeeze(1))
 
 
 def test_dare_is_seeded():
@@ -401,3 +416,24 @@ def test_results_do_not_depend_on_the_chunk_size(monkeypatch):
                        M.post_pruning(pre, fts, density=0.2, scope="tensor").task_state_dict(2)]
     for a, b in zip(*runs.values(), strict=True):
         assert all(torch.equal(a[k], b[k]) for k in pre)
+
+
+@pytest.mark.parametrize("options", [
+    dict(consensus=True, merge="mean"), dict(consensus=True, merge="sum"),
+    dict(consensus=False, merge="mean"), dict(consensus=True, merge="mean", drop=0.3, seed=5),
+])
+def test_chunk_major_and_task_major_trimming_agree(monkeypatch, options):
+    """In memory every task passes over a chunk in turn; streaming holds one task at a time. Same numbers."""
+    from byom_lab.merging import general, select
+
+    monkeypatch.setattr(select, "SAMPLE", 512)  # large enough inputs take the one-pass candidate path
+    gen = torch.Generator().manual_seed(1)
+    pre = {"a": torch.randn(40, 50, generator=gen), "b": torch.randn(3000, generator=gen)}
+    fts = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in pre.items()} for _ in range(4)]
+    recipe = M.Recipe(density=0.15, lam=0.7, **options)
+    out = M.merge_with_recipe(pre, fts, recipe)
+    kept = [0] * len(fts)
+    dense = dict(general.merge_getters(list(pre), pre.__getitem__, [ft.__getitem__ for ft in fts], recipe, kept,
+                                       task_major=True))
+    assert all(torch.equal(out.merged[k], dense[k]) for k in pre)
+    assert out.density == [n / 5000 for n in kept]

@@ -22,7 +22,14 @@ from torch import Tensor
 from torch.nn.functional import hardshrink
 
 from .checks import check_choice, check_density, check_fraction, check_models
-from .select import SCOPES, chunk_size, kth_largest_magnitude, num_kept, shrink_level
+from .select import (
+    SCOPES,
+    chunk_size,
+    kth_largest_magnitude,
+    num_kept,
+    select_chunk_size,
+    shrink_level,
+)
 
 StateDict = Mapping[str, Tensor]
 Getter = Callable[[str], Tensor]  # key -> tensor; a dict's __getitem__ or a file reader
@@ -85,11 +92,15 @@ def _drop_generator(recipe: Recipe, task: int, key: str, device: torch.device) -
 
 
 def vector_chunks(base: Tensor, model: Tensor, recipe: Recipe, task: int, key: str,
-                  stride: int = 1) -> Iterator[Tensor]:
-    """Chunks of (model − base)[::stride] in the compute dtype, after DARE's random drop if any."""
+                  stride: int = 1, select: bool = False) -> Iterator[Tensor]:
+    """Chunks of (model − base)[::stride] in the compute dtype, after DARE's random drop if any.
+
+    `select=True` asks for the larger pieces of a selection pass, except under DARE, whose masks
+    are drawn chunk by chunk and must match the merge pass.
+    """
     b, m, dtype = base.reshape(-1)[::stride], model.reshape(-1)[::stride], compute_dtype(base.dtype)
     gen = _drop_generator(recipe, task, key, base.device) if recipe.drop else None
-    size = chunk_size(base)
+    size = select_chunk_size(base) if select and not recipe.drop else chunk_size(base)
     for start in range(0, b.numel(), size):
         v = m[start : start + size].to(dtype) - b[start : start + size].to(dtype)
         if gen is not None:
@@ -100,11 +111,11 @@ def vector_chunks(base: Tensor, model: Tensor, recipe: Recipe, task: int, key: s
 
 def vector_source(keys: Sequence[str], base: Getter, model: Getter, recipe: Recipe,
                   task: int) -> Callable[[int], Iterator[Tensor]]:
-    """A selection source over the chunks of one task vector, restricted to `keys`."""
+    """A selection source over the pieces of one task vector, restricted to `keys`, in key order."""
 
     def source(stride: int) -> Iterator[Tensor]:
         for key in keys:
-            yield from vector_chunks(base(key), model(key), recipe, task, key, stride)
+            yield from vector_chunks(base(key), model(key), recipe, task, key, stride, select=True)
 
     return source
 

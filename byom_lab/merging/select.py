@@ -1,14 +1,19 @@
-"""Exact top-magnitude selection: radix select over the float bit patterns, streamed over pieces.
+"""Exact top-magnitude selection over the float bit patterns, streamed over pieces.
 
-The IEEE-754 bit pattern of |x|, read as an integer ("key"), orders like |x|. The k-th largest
-key is found digit by digit: one pass histograms a digit of every key (`bincount`), the bucket
-holding the k-th largest is kept, and the next pass refines inside that bucket only. Nothing is
-concatenated, sorted, or passed to `torch.quantile`/`kthvalue`. A strided sample first guesses a
-narrow key window around the answer; when the guess holds (the usual case) one exact pass over
-that window suffices, otherwise the full radix select (two passes for float32) runs.
+The IEEE-754 bit pattern of |x|, read as an integer ("key"), orders like |x|. Nothing is sorted
+whole, concatenated at full size, or passed to `torch.quantile`/`kthvalue` over every entry.
+
+1. A strided sample guesses a narrow key window (low, high) around the k-th largest key.
+2. When k is a small share of the entries (the usual top-m%), one pass keeps the keys >= low
+   (and, when asked, their positions): about k entries. The k-th largest key is then read from
+   the few candidates inside the window, and the kept positions are the candidates >= it.
+3. Otherwise, or when the guess misses, a radix select finds the key digit by digit: one pass
+   histograms a digit of every key (`bincount`), the bucket holding the k-th largest is kept, and
+   the next pass refines inside that bucket only (two passes for float32, one inside a window).
 """
 from typing import Callable, Iterable, Iterator, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -16,8 +21,10 @@ from .checks import check_choice, check_density, check_state_dict
 
 CHUNK = 1 << 18  # elements per CPU piece: large enough to amortise dispatch, small enough for cache
 GPU_CHUNK = 1 << 24  # on accelerators, fewer and larger pieces (kernel launches dominate)
+SELECT_CHUNK = 1 << 20  # CPU pieces of a selection pass: nothing is reused from cache there
 SAMPLE = 1 << 18  # about this many entries are sampled to guess the window
 MAX_BINS = 1 << 18  # widest histogram of one pass (2 MiB of counts)
+CANDIDATE_SHARE = 0.25  # the one-pass path is used for k up to this share of the entries (bounds its memory)
 SCOPES = ("global", "tensor")
 _BITS_AS_INT = {
     torch.float16: torch.int16,
@@ -33,6 +40,11 @@ Source = Callable[[int], Iterable[Tensor]]
 def chunk_size(tensor: Tensor) -> int:
     """Elements per piece when streaming over `tensor`: CHUNK on CPU, GPU_CHUNK elsewhere."""
     return CHUNK if tensor.device.type == "cpu" else GPU_CHUNK
+
+
+def select_chunk_size(tensor: Tensor) -> int:
+    """Elements per piece when a pass only selects (no running sums kept in cache)."""
+    return max(chunk_size(tensor), SELECT_CHUNK)
 
 
 def chunks(tensor: Tensor, size: int | None = None) -> Iterator[Tensor]:
@@ -108,22 +120,101 @@ def _guess_window(source: Source, k: int, total: int, dtype: torch.dtype) -> tup
     return low, min(high, (1 << (torch.finfo(dtype).bits - 1)) - 1)
 
 
-def kth_largest_magnitude(source: Source, k: int, total: int | None = None) -> tuple[Tensor, int]:
-    """Exact k-th largest |x| over the pieces of `source`, and how many entries are >= it (ties).
+Array = Tensor | np.ndarray  # candidates stay numpy arrays on CPU (its compaction ops are faster there)
+_SIGN_CLEARED = {torch.float32: 0x7FFFFFFF, torch.float64: 0x7FFFFFFFFFFFFFFF}
 
-    Args:
-        source: source(stride) yields 1-D pieces of one floating dtype covering x[::stride].
-        k: rank from the top, 1 <= k <= number of entries.
-        total: number of entries (enables the sampled one-pass window when large).
 
-    Returns:
-        (threshold as a 0-dim tensor of the pieces' dtype, number of entries with |x| >= threshold;
-        for a zero threshold, the number of non-zero entries).
-    """
+class _Keys:
+    """Magnitude keys of pieces; on CPU computed by numpy into one reused buffer (valid until the next piece)."""
+
+    def __init__(self):
+        self.buffer = None
+
+    def __call__(self, piece: Tensor) -> Array:
+        if piece.device.type != "cpu":
+            return _magnitude_keys(piece)
+        if piece.dtype not in _SIGN_CLEARED:
+            return _magnitude_keys(piece).numpy()
+        bits = piece.detach().view(_BITS_AS_INT[piece.dtype]).numpy()
+        if self.buffer is None or self.buffer.dtype != bits.dtype or self.buffer.size < bits.size:
+            self.buffer = np.empty(bits.size, bits.dtype)
+        return np.bitwise_and(bits, _SIGN_CLEARED[piece.dtype], out=self.buffer[: bits.size])
+
+
+def _cat(parts: list[Array]) -> Tensor:
+    """One tensor from 1-D numpy arrays or tensors."""
+    if parts and isinstance(parts[0], np.ndarray):
+        return torch.from_numpy(np.concatenate(parts))
+    return torch.cat(parts)
+
+
+def _count(mask: Array) -> int:
+    """Number of true entries of a boolean array or tensor."""
+    return int(np.count_nonzero(mask)) if isinstance(mask, np.ndarray) else int(mask.sum())
+
+
+def _kth_smallest(keys: Tensor, rank: int) -> int:
+    """The `rank`-th smallest (1-based) of a small 1-D integer tensor."""
+    if keys.device.type == "cpu":
+        return int(keys.kthvalue(rank).values)
+    return int(keys.sort().values[rank - 1])  # on GPUs a sort of a small tensor beats kthvalue
+
+
+def _at_least(keys: Array, low: int) -> tuple[Array, Array]:
+    """(positions, keys) of the entries of 1-D `keys` that are >= low."""
+    if isinstance(keys, np.ndarray):  # numpy's flatnonzero + take beats torch.nonzero and masking here
+        where = np.flatnonzero(keys >= low)
+    else:
+        where = (keys >= low).nonzero().squeeze(1)
+    return where, keys[where]
+
+
+def _from_candidates(source: Source, k: int, window: tuple[int, int],
+                     positions: bool) -> tuple[int, int, Tensor | None] | None:
+    """(key, kept, positions) from one pass keeping the keys >= low; None if fewer than k entries are."""
+    low, high = window
+    places, candidates, offset, keys_of = [], [], 0, _Keys()
+    for piece in source(1):
+        where, keys = _at_least(keys_of(piece), low)
+        if positions:
+            where += offset
+            places.append(where)
+        candidates.append(keys)
+        offset += piece.numel()
+    count = sum(len(keys) for keys in candidates)
+    if count < k:
+        return None  # the k-th largest lies below the window: the guess missed
+    inside = _cat([keys[keys <= high] for keys in candidates])
+    above = count - inside.numel()
+    if above < k:
+        key = _kth_smallest(inside, inside.numel() - (k - above) + 1)
+    else:  # the k-th largest lies above the window; every entry above it is a candidate
+        key = _kth_smallest(_cat(candidates), count - k + 1)
+    masks = [keys >= max(key, 1) for keys in candidates]  # a zero threshold keeps the non-zero entries
+    kept = sum(_count(mask) for mask in masks)
+    return key, kept, _cat([w[m] for w, m in zip(places, masks, strict=True)]) if positions else None
+
+
+def _positions(source: Source, key: int) -> Tensor:
+    """Positions (in the concatenation of the pieces) of the entries whose key is >= key (> 0 for 0)."""
+    places, offset, keys_of = [], 0, _Keys()
+    for piece in source(1):
+        where, _ = _at_least(keys_of(piece), max(key, 1))
+        where += offset
+        places.append(where)
+        offset += piece.numel()
+    return _cat(places)
+
+
+def _select(source: Source, k: int, total: int | None, positions: bool) -> tuple[Tensor, int, Tensor | None]:
+    """Threshold, kept count and (when asked) kept positions of the top-k magnitudes of `source`."""
     first = next(iter(source(1)))
     bits = torch.finfo(first.dtype).bits
-    found, window = None, _guess_window(source, k, total, first.dtype) if total else None
-    if window is not None:
+    window = _guess_window(source, k, total, first.dtype) if total else None
+    found = None
+    if window is not None and k <= CANDIDATE_SHARE * total:
+        found = _from_candidates(source, k, window, positions)
+    elif window is not None:
         low, high = window
         shift = 0
         while (high >> shift) - (low >> shift) + 1 > MAX_BINS:
@@ -131,9 +222,34 @@ def kth_largest_magnitude(source: Source, k: int, total: int | None = None) -> t
         found = _radix(source, k, shift, low >> shift, (high >> shift) - (low >> shift) + 1)
     if found is None:
         found = _radix(source, k, bits - 16, 0, 1 << 15)  # top digit: 15 bits (sign cleared)
-    key, kept = found
+    if len(found) == 2:
+        key, kept = found
+        found = key, kept, _positions(source, key) if positions else None
+    key, kept, where = found
     threshold = torch.tensor(key, dtype=_BITS_AS_INT[first.dtype]).view(first.dtype)
-    return threshold.to(first.device), kept
+    return threshold.to(first.device), kept, where
+
+
+def kth_largest_magnitude(source: Source, k: int, total: int | None = None) -> tuple[Tensor, int]:
+    """Exact k-th largest |x| over the pieces of `source`, and how many entries are >= it (ties).
+
+    Args:
+        source: source(stride) yields 1-D pieces of one floating dtype covering x[::stride].
+        k: rank from the top, 1 <= k <= number of entries.
+        total: number of entries (enables the sampled window when large).
+
+    Returns:
+        (threshold as a 0-dim tensor of the pieces' dtype, number of entries with |x| >= threshold;
+        for a zero threshold, the number of non-zero entries).
+    """
+    threshold, kept, _ = _select(source, k, total, positions=False)
+    return threshold, kept
+
+
+def top_positions(source: Source, k: int, total: int | None = None) -> tuple[Tensor, int, Tensor]:
+    """`kth_largest_magnitude` plus the kept positions: ascending int64 indices into the pieces' concatenation."""
+    return _select(source, k, total, positions=True)
+
 
 
 def shrink_level(threshold: Tensor) -> float:

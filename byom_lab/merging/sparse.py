@@ -11,13 +11,12 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
-from torch.nn.functional import hardshrink
 
 from .checks import check_choice, check_density, check_models
-from .general import Recipe, task_thresholds, tensor_threshold, vector_chunks
+from .general import Recipe, vector_source
 from .registry import get_method, method_inputs, register
 from .results import TaskExtras
-from .select import SCOPES, chunk_size, shrink_level
+from .select import SCOPES, num_kept, top_positions
 
 StateDict = Mapping[str, Tensor]
 
@@ -62,33 +61,40 @@ class SparseTaskResult(TaskExtras):
         return sum(e.indices.nbytes + e.values.nbytes for e in self.entries[t].values())
 
 
-def _extract(anchor: Tensor, model: Tensor, recipe: Recipe, t: int, key: str, level: float) -> SparseEntries:
-    """Positions where |model − anchor| clears `level`, with the model's values there."""
-    flat_model, positions = model.reshape(-1), []
-    starts = range(0, anchor.numel(), chunk_size(anchor))
-    for start, u in zip(starts, vector_chunks(anchor, model, recipe, t, key), strict=True):
-        positions.append(hardshrink(u, level).bool().nonzero().squeeze(1).add_(start))  # (kept,)
-    indices = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64, device=model.device)
-    values = flat_model.index_select(0, indices)
-    return SparseEntries(indices.int() if anchor.numel() < 2**31 else indices, values)
+def _entries(model: Tensor, positions: Tensor) -> SparseEntries:
+    """The model's values at `positions` (flat, ascending), indices stored as int32 when they fit."""
+    values = model.reshape(-1).index_select(0, positions.to(model.device))
+    return SparseEntries(positions.int() if model.numel() < 2**31 else positions, values)
+
+
+def _task_entries(keys: Sequence[str], anchor: StateDict, model: Callable[[str], Tensor], recipe: Recipe,
+                  t: int) -> tuple[dict[str, SparseEntries], int]:
+    """Task t's kept entries per key (ranked over all of `keys` at once) and their count."""
+    sizes = [anchor[key].numel() for key in keys]
+    total = sum(sizes)
+    if total == 0:
+        return {key: _entries(model(key), torch.zeros(0, dtype=torch.int64)) for key in keys}, 0
+    source = vector_source(keys, anchor.__getitem__, model, recipe, t)
+    _, kept, positions = top_positions(source, num_kept(recipe.density, total), total)
+    offsets = torch.tensor([0] + sizes, dtype=torch.int64, device=positions.device).cumsum(0)
+    bounds = torch.searchsorted(positions, offsets).tolist()  # positions are ascending
+    out = {key: _entries(model(key), positions[bounds[i] : bounds[i + 1]] - offsets[i])
+           for i, key in enumerate(keys)}
+    return out, kept
 
 
 def compress(anchor: StateDict, finetuned: Sequence[StateDict], density: float, scope: str) -> SparseTaskResult:
     """Per task, keep the top-`density` entries of θ_t − anchor (validated inputs assumed)."""
     recipe = Recipe(density=density, scope=scope)
     keys, total = list(anchor), sum(t.numel() for t in anchor.values())
-    base, models = anchor.__getitem__, [model.__getitem__ for model in finetuned]
-    found = task_thresholds(keys, base, models, recipe) if scope == "global" else None
-    kept = [n for _, n in found] if found else [0] * len(models)
-    entries = [{} for _ in models]
-    for key in keys:
-        for t, model in enumerate(models):
-            if found:
-                threshold = found[t][0]
-            else:
-                threshold, n = tensor_threshold(key, base, model, recipe, t)
-                kept[t] += n
-            entries[t][key] = _extract(anchor[key], model(key), recipe, t, key, shrink_level(threshold))
+    groups = [keys] if scope == "global" else [[key] for key in keys]
+    entries, kept = [{} for _ in finetuned], [0] * len(finetuned)
+    for t, model in enumerate(finetuned):
+        for group in groups:
+            found, n = _task_entries(group, anchor, model.__getitem__, recipe, t)
+            entries[t].update(found)
+            kept[t] += n
+    entries = [{key: e[key] for key in keys} for e in entries]  # key order of the anchor
     return SparseTaskResult(dict(anchor), entries, [n / total for n in kept])
 
 

@@ -6,9 +6,11 @@ Layouts read (folder names as torchvision / task-vectors write them, see FOLDERS
 - MNIST raw idx files: `<root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`;
 - SVHN .mat files: `<root>/svhn/{train,test}_32x32.mat` (needs scipy);
 - GTSRB (torchvision): `<root>/gtsrb/GTSRB/Training/<class>/*.ppm`, `.../Final_Test/Images/*.ppm`
-  and `<root>/gtsrb/GT-final_test.csv`.
+  and `<root>/gtsrb/GT-final_test.csv`;
+- Stanford Cars (torchvision): `<root>/stanford_cars/{cars_train,cars_test}/*.jpg`,
+  `devkit/{cars_meta,cars_train_annos}.mat` and `cars_test_annos_withlabels.mat` (needs scipy).
 Without a `val` split, one is carved from train exactly as task-vectors does (10% up to 5000,
-`random_split` with seed 0). Cars in torchvision's devkit layout is not read: use ImageFolder.
+`random_split` with seed 0).
 """
 import csv
 import gzip
@@ -77,7 +79,9 @@ def expected_layouts(name: str, root) -> str:
     base = " or ".join(str(Path(root) / f) for f in FOLDERS[name])
     extra = {"MNIST": "raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (torchvision MNIST), or ",
              "SVHN": "{train,test}_32x32.mat (torchvision SVHN), or ",
-             "GTSRB": "GTSRB/Training/<class>/*.ppm + GTSRB/Final_Test/Images + GT-final_test.csv, or "}
+             "GTSRB": "GTSRB/Training/<class>/*.ppm + GTSRB/Final_Test/Images + GT-final_test.csv, or ",
+             "Cars": "cars_train/, cars_test/, devkit/cars_meta.mat, devkit/cars_train_annos.mat and "
+                     "cars_test_annos_withlabels.mat (torchvision StanfordCars), or "}
     return f"{base} holding {extra.get(name, '')}{{train,val,test}}/<class>/<image> (ImageFolder, val optional)"
 
 
@@ -158,6 +162,22 @@ def read_gtsrb(folder: Path) -> tuple:
     return out, classes
 
 
+def read_cars_devkit(folder: Path) -> tuple:
+    """({split: (paths, labels)}, class names) from torchvision's Stanford Cars layout (1-based classes in the .mat)."""
+    from scipy.io import loadmat
+
+    names = [str(n) for n in loadmat(str(folder / "devkit" / "cars_meta.mat"), squeeze_me=True)["class_names"]]
+    out = {}
+    for split, annotations, images in (("train", folder / "devkit" / "cars_train_annos.mat", folder / "cars_train"),
+                                       ("test", folder / "cars_test_annos_withlabels.mat", folder / "cars_test")):
+        rows = np.atleast_1d(loadmat(str(annotations), squeeze_me=True)["annotations"])
+        labels = np.asarray([int(r["class"]) - 1 for r in rows], dtype=np.int64)
+        if len(labels) and not (0 <= labels.min() and labels.max() < len(names)):
+            raise ValueError(f"{annotations}: class ids {labels.min() + 1}..{labels.max() + 1} outside 1..{len(names)}")
+        out[split] = ([images / str(r["fname"]) for r in rows], labels)
+    return out, names
+
+
 def find_dataset(root, name: str) -> tuple:
     """(reader, folder, layout name) of the first known layout found for a dataset under root."""
     if name not in FOLDERS:
@@ -172,6 +192,8 @@ def find_dataset(root, name: str) -> tuple:
             return read_svhn, folder, "svhn-mat"
         if name == "GTSRB" and (folder / "GTSRB" / "Training").is_dir():
             return read_gtsrb, folder, "gtsrb-torchvision"
+        if name == "Cars" and (folder / "devkit" / "cars_meta.mat").is_file():
+            return read_cars_devkit, folder, "cars-devkit"
     raise FileNotFoundError(f"dataset {name} not found under {root}; expected {expected_layouts(name, root)}")
 
 

@@ -285,6 +285,55 @@ def test_svhn_mat(tmp_path):
     assert data["test"][1][:10].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
 
 
+def write_cars_devkit(root, names, n_train=12, n_test=6):
+    """torchvision's Stanford Cars layout: jpgs named by number, 1-based classes in struct-array .mat files."""
+    from scipy.io import savemat
+
+    base = root / "stanford_cars"
+    (base / "devkit").mkdir(parents=True)
+    savemat(str(base / "devkit" / "cars_meta.mat"), {"class_names": np.array(names, dtype=object)})
+    colours = list(COLOURS.values())
+    for split, n, annos in (("train", n_train, base / "devkit" / "cars_train_annos.mat"),
+                            ("test", n_test, base / "cars_test_annos_withlabels.mat")):
+        (base / f"cars_{split}").mkdir()
+        rows = np.zeros(n, dtype=[("fname", object), ("class", object)])
+        for i in range(n):
+            label = (3 * i + (split == "test")) % len(names)
+            rows[i] = (f"{i + 1:05d}.jpg", label + 1)
+            Image.new("RGB", (40, 30), tuple(colours[label % len(colours)])).save(base / f"cars_{split}" / f"{i + 1:05d}.jpg")
+        savemat(str(annos), {"annotations": rows})
+    return base
+
+
+def test_cars_devkit_matches_torchvision(tmp_path):
+    from torchvision.datasets import StanfordCars
+
+    names = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Audi R8 Coupe 2012"]
+    write_cars_devkit(tmp_path, names)
+    reader, folder, layout = pd_.find_dataset(tmp_path, "Cars")
+    assert layout == "cars-devkit"
+    splits, classes = reader(folder)
+    for split in ("train", "test"):
+        ours = [(str(path), int(label)) for path, label in zip(*splits[split])]
+        theirs = StanfordCars(str(tmp_path), split=split)
+        assert ours == [(str(path), int(label)) for path, label in theirs._samples]
+        assert classes == theirs.classes
+    data, class_names, info = pd_.load_dataset(tmp_path, "Cars", 16)
+    assert class_names == names and info["val"].startswith("carved")
+    assert data["test"][1].tolist() == [(3 * i + 1) % 3 for i in range(6)]
+
+
+def test_cars_devkit_class_ids_outside_the_meta_are_an_error(tmp_path):
+    base = write_cars_devkit(tmp_path, ["a", "b", "c"])
+    from scipy.io import savemat
+
+    rows = np.zeros(1, dtype=[("fname", object), ("class", object)])
+    rows[0] = ("00001.jpg", 7)
+    savemat(str(base / "cars_test_annos_withlabels.mat"), {"annotations": rows})
+    with pytest.raises(ValueError, match=r"class ids 7..7 outside 1..3"):
+        pd_.load_dataset(tmp_path, "Cars", 16)
+
+
 def test_bad_names_and_missing_folders_are_explained(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'CIFAR10'.*SUN397"):
         select_tasks(["CIFAR10"])

@@ -169,18 +169,25 @@ def _at_least(keys: Array, low: int) -> tuple[Array, Array]:
     return where, keys[where]
 
 
+def _scan(source: Source, low: int) -> Iterator[tuple[Array, Array]]:
+    """Per piece, the positions (in the concatenation of the pieces) and keys of the entries with key >= low."""
+    offset, keys_of = 0, _Keys()
+    for piece in source(1):
+        where, keys = _at_least(keys_of(piece), low)
+        where += offset
+        offset += piece.numel()
+        yield where, keys
+
+
 def _from_candidates(source: Source, k: int, window: tuple[int, int],
                      positions: bool) -> tuple[int, int, Tensor | None] | None:
     """(key, kept, positions) from one pass keeping the keys >= low; None if fewer than k entries are."""
     low, high = window
-    places, candidates, offset, keys_of = [], [], 0, _Keys()
-    for piece in source(1):
-        where, keys = _at_least(keys_of(piece), low)
+    places, candidates = [], []
+    for where, keys in _scan(source, low):
         if positions:
-            where += offset
             places.append(where)
         candidates.append(keys)
-        offset += piece.numel()
     count = sum(len(keys) for keys in candidates)
     if count < k:
         return None  # the k-th largest lies below the window: the guess missed
@@ -195,15 +202,16 @@ def _from_candidates(source: Source, k: int, window: tuple[int, int],
     return key, kept, _cat([w[m] for w, m in zip(places, masks, strict=True)]) if positions else None
 
 
-def _positions(source: Source, key: int) -> Tensor:
-    """Positions (in the concatenation of the pieces) of the entries whose key is >= key (> 0 for 0)."""
-    places, offset, keys_of = [], 0, _Keys()
-    for piece in source(1):
-        where, _ = _at_least(keys_of(piece), max(key, 1))
-        where += offset
-        places.append(where)
-        offset += piece.numel()
-    return _cat(places)
+def _radix_select(source: Source, k: int, window: tuple[int, int] | None, bits: int) -> tuple[int, int]:
+    """(key, kept) by radix select: inside the window when one is given and holds, else over every key."""
+    found = None
+    if window is not None:
+        low, high = window
+        shift = 0
+        while (high >> shift) - (low >> shift) + 1 > MAX_BINS:
+            shift += 1
+        found = _radix(source, k, shift, low >> shift, (high >> shift) - (low >> shift) + 1)
+    return found or _radix(source, k, bits - 16, 0, 1 << 15)  # top digit: 15 bits (sign cleared)
 
 
 def _select(source: Source, k: int, total: int | None, positions: bool) -> tuple[Tensor, int, Tensor | None]:
@@ -211,20 +219,11 @@ def _select(source: Source, k: int, total: int | None, positions: bool) -> tuple
     first = next(iter(source(1)))
     bits = torch.finfo(first.dtype).bits
     window = _guess_window(source, k, total, first.dtype) if total else None
-    found = None
-    if window is not None and k <= CANDIDATE_SHARE * total:
-        found = _from_candidates(source, k, window, positions)
-    elif window is not None:
-        low, high = window
-        shift = 0
-        while (high >> shift) - (low >> shift) + 1 > MAX_BINS:
-            shift += 1
-        found = _radix(source, k, shift, low >> shift, (high >> shift) - (low >> shift) + 1)
-    if found is None:
-        found = _radix(source, k, bits - 16, 0, 1 << 15)  # top digit: 15 bits (sign cleared)
-    if len(found) == 2:
-        key, kept = found
-        found = key, kept, _positions(source, key) if positions else None
+    candidates = window is not None and k <= CANDIDATE_SHARE * total
+    found = _from_candidates(source, k, window, positions) if candidates else None
+    if found is None:  # a missed guess goes straight to the full radix select
+        key, kept = _radix_select(source, k, None if candidates else window, bits)
+        found = key, kept, _cat([where for where, _ in _scan(source, max(key, 1))]) if positions else None
     key, kept, where = found
     threshold = torch.tensor(key, dtype=_BITS_AS_INT[first.dtype]).view(first.dtype)
     return threshold.to(first.device), kept, where
@@ -249,7 +248,6 @@ def kth_largest_magnitude(source: Source, k: int, total: int | None = None) -> t
 def top_positions(source: Source, k: int, total: int | None = None) -> tuple[Tensor, int, Tensor]:
     """`kth_largest_magnitude` plus the kept positions: ascending int64 indices into the pieces' concatenation."""
     return _select(source, k, total, positions=True)
-
 
 
 def shrink_level(threshold: Tensor) -> float:

@@ -1,4 +1,6 @@
 """Accuracy of state dicts on a suite's tasks: per task, normalised by the fine-tuned model."""
+import os
+
 import pandas as pd
 import torch
 
@@ -44,8 +46,6 @@ def predictions(suite, state_dict: dict, task, split: str = "test", batch_size: 
 
 def eval_device() -> torch.device:
     """The GPU when one is present (override with BYOM_LAB_DEVICE), else the CPU."""
-    import os
-
     name = os.environ.get("BYOM_LAB_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 

@@ -59,15 +59,20 @@ class FastByom:
         return self._unflat(anchor + torch.where(r.abs() >= threshold, r, torch.zeros(())))
 
 
+def _task_names(suite, tasks) -> list:
+    """The selected task names (all of the suite's when None); an empty selection is an error."""
+    names = suite.tasks if tasks is None else list(tasks)
+    if not names:
+        raise ValueError("select at least one task")
+    return names
+
+
 def byom_accuracies(fast: FastByom, m_percent: float, base: str = "task_arithmetic", tasks=None,
                     split: str = "test", limit: int = None) -> dict:
     """{task: accuracy} of BYOM-FFT (or post-pruning as base) at m%, on the first `limit` images."""
     suite = fast.suite
-    names = suite.tasks if tasks is None else list(tasks)
-    if not names:
-        raise ValueError("select at least one task")
     out = {}
-    for name in names:
+    for name in _task_names(suite, tasks):
         t = suite.task_index(name)
         out[name] = accuracy(suite, fast.task_state_dict(base, t, m_percent / 100), t, split, limit=limit)
     return out
@@ -93,8 +98,8 @@ def plot_byom_panel(accs: dict, reference: dict, merger: str, setting: str, labe
 class _Panel:
     """Controls above task checkboxes and an output; any change re-evaluates the ticked tasks and redraws.
 
-    Subclasses set `controls`, `reference` and `reference_label`, and define `evaluate(tasks)`
-    (-> {task: accuracy}) and `setting()` (-> (merger label, setting label)).
+    Subclasses set `reference` (and `reference_label`), call `_build(suite, controls)`, and define
+    `evaluate(tasks)` (-> {task: accuracy}) and `setting()` (-> (merger label, setting label)).
     """
 
     reference_label = "fine-tuned"
@@ -169,10 +174,8 @@ class FastLora:
 def lora_accuracies(fast: FastLora, rank: int, tasks=None, split: str = "test", limit: int = None) -> dict:
     """{task: accuracy} of BYOM-LoRA at rank q on the first `limit` images of each task."""
     suite = fast.suite
-    names = suite.tasks if tasks is None else list(tasks)
-    if not names:
-        raise ValueError("select at least one task")
-    return {n: accuracy(suite, fast.task_state_dict(suite.task_index(n), rank), n, split, limit=limit) for n in names}
+    return {n: accuracy(suite, fast.task_state_dict(suite.task_index(n), rank), n, split, limit=limit)
+            for n in _task_names(suite, tasks)}
 
 
 class LoraPanel(_Panel):

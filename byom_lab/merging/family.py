@@ -4,7 +4,7 @@ from typing import Callable, Mapping, Sequence
 
 from torch import Tensor
 
-from .checks import check_models
+from .checks import models_checked
 from .general import Recipe, merge_validated
 from .registry import get_method, register
 
@@ -22,9 +22,9 @@ RECIPES: dict[str, Callable[..., Recipe]] = {
 def _merge_family(name: str, pretrained: StateDict, finetuned: Sequence[StateDict], drop: float = 0.0,
                   seed: int = 0, **options) -> dict[str, Tensor]:
     """Validate, build the recipe of family member `name` (plus DARE's drop), merge."""
-    check_models(pretrained, finetuned)
-    recipe = replace(RECIPES[name](len(finetuned), **options), drop=drop, seed=seed)
-    return merge_validated(pretrained, finetuned, recipe).merged
+    with models_checked(pretrained, finetuned):
+        recipe = replace(RECIPES[name](len(finetuned), **options), drop=drop, seed=seed)
+        return merge_validated(pretrained, finetuned, recipe).merged
 
 
 @register("simple_average")

@@ -21,14 +21,24 @@ import torch
 from torch import Tensor
 from torch.nn.functional import hardshrink
 
-from .checks import check_choice, check_density, check_fraction, check_models
+from . import native
+from .checks import (
+    check_choice,
+    check_density,
+    check_fraction,
+    check_models,
+    models_checked,
+)
 from .select import (
     SCOPES,
     chunk_size,
+    fused_top,
+    key_threshold,
     kth_largest_magnitude,
     num_kept,
     select_chunk_size,
     shrink_level,
+    threshold_key,
 )
 
 StateDict = Mapping[str, Tensor]
@@ -120,23 +130,33 @@ def vector_source(keys: Sequence[str], base: Getter, model: Getter, recipe: Reci
     return source
 
 
-def task_thresholds(keys, base: Getter, models: Sequence[Getter], recipe: Recipe,
-                    total: int | None = None) -> list[tuple[Tensor, int]]:
-    """Global scope: each task's exact top-`density` magnitude threshold and kept count."""
+def task_thresholds(keys: Sequence[str], base: Getter, models: Sequence[Getter], recipe: Recipe,
+                    total: int | None = None, fused: bool = True) -> list[tuple[Tensor, int]]:
+    """Per task, the exact top-`density` threshold of its vector over `keys` (`total` entries) and its kept count.
+
+    `fused` allows the fused kernels, which hold the tensors of `keys` of every task at once (not
+    for models read from files).
+    """
     total = sum(base(k).numel() for k in keys) if total is None else total
+    k = num_kept(recipe.density, total)
+    found = None
+    if fused and not recipe.drop:
+        found = fused_top([base(key) for key in keys], [[model(key) for key in keys] for model in models], k, total,
+                          positions=False)
     return [
-        kth_largest_magnitude(vector_source(keys, base, model, recipe, t), num_kept(recipe.density, total), total)
-        for t, model in enumerate(models)
+        (key_threshold(f.key, torch.float32), f.kept) if f is not None
+        else kth_largest_magnitude(vector_source(keys, base, model, recipe, t), k, total)
+        for t, (model, f) in enumerate(zip(models, found or [None] * len(models), strict=True))
     ]
 
 
-def tensor_threshold(key: str, base: Getter, model: Getter, recipe: Recipe, task: int) -> tuple[Tensor, int]:
-    """Tensor scope: the exact top-`density` threshold of one tensor of one task, and its kept count."""
+def tensor_thresholds(key: str, base: Getter, models: Sequence[Getter], recipe: Recipe,
+                      fused: bool = True) -> list[tuple[Tensor, int]]:
+    """Tensor scope: per task, the exact top-`density` threshold of one tensor and its kept count."""
     n = base(key).numel()
     if n == 0:
-        return torch.zeros((), dtype=compute_dtype(base(key).dtype)), 0
-    source = vector_source([key], base, model, recipe, task)
-    return kth_largest_magnitude(source, num_kept(recipe.density, n), n)
+        return [(torch.zeros((), dtype=compute_dtype(base(key).dtype)), 0)] * len(models)
+    return task_thresholds([key], base, models, recipe, n, fused)
 
 
 class _Combiner:
@@ -190,8 +210,13 @@ def merge_tensor(key: str, base: Getter, models: Sequence[Getter], recipe: Recip
     if b.numel() == 0:
         return b.clone(), kept
     if recipe.density < 1 and recipe.scope == "tensor":
-        per_task = [tensor_threshold(key, base, model, recipe, t) for t, model in enumerate(models)]
+        per_task = tensor_thresholds(key, base, models, recipe, not task_major)
         thresholds, kept = [thr for thr, _ in per_task], [n for _, n in per_task]
+    if not task_major and not recipe.drop:
+        tensors = [model(key) for model in models]
+        if native.applies(b, *tensors):
+            keep = [max(threshold_key(thr), 1) for thr in thresholds] if recipe.density < 1 else None
+            return native.merge(b, tensors, keep, recipe.consensus, recipe.merge == "mean", recipe.lam), kept
     levels = [shrink_level(thr) for thr in thresholds] if recipe.density < 1 else None
     trim = (lambda v, t: hardshrink(v, levels[t])) if levels is not None else (lambda v, t: v)  # noqa: E731
     out = torch.empty_like(b)
@@ -228,7 +253,7 @@ def merge_getters(keys: Sequence[str], base: Getter, models: Sequence[Getter], r
     kept = [0] * len(models) if kept is None else kept
     thresholds = None
     if recipe.density < 1 and recipe.scope == "global":
-        found = task_thresholds(keys, base, models, recipe, total)
+        found = task_thresholds(keys, base, models, recipe, total, fused=not task_major)
         thresholds = [thr for thr, _ in found]
         kept[:] = [a + n for a, (_, n) in zip(kept, found, strict=True)]
     for key in keys:
@@ -248,8 +273,8 @@ def merge_with_recipe(pretrained: StateDict, finetuned: Sequence[StateDict], rec
     Returns:
         MergeOutput with `.merged` and `.density` (per task, 1.0 when nothing is trimmed).
     """
-    check_models(pretrained, finetuned)
-    return merge_validated(pretrained, finetuned, recipe)
+    with models_checked(pretrained, finetuned):
+        return merge_validated(pretrained, finetuned, recipe)
 
 
 def merge_validated(pretrained: StateDict, finetuned: Sequence[StateDict], recipe: Recipe) -> MergeOutput:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import native
 from .checks import check_choice, check_density, check_state_dict
 
 CHUNK = 1 << 18  # elements per CPU piece: large enough to amortise dispatch, small enough for cache
@@ -107,14 +108,25 @@ def _radix(source: Source, k: int, shift: int, base: int, nbins: int) -> tuple[i
 
 def _guess_window(source: Source, k: int, total: int, dtype: torch.dtype) -> tuple[int, int] | None:
     """Keys (low, high) that bracket the k-th largest with high probability, from a strided sample."""
-    stride = total // SAMPLE
-    if stride < 4 or torch.finfo(dtype).bits == 16:
-        return None  # small inputs and 16-bit floats (a single pass) need no guess
+    stride = _sample_stride(total, dtype)
+    if stride is None:
+        return None
     sample = torch.cat([p.abs() for p in source(stride)])  # (about SAMPLE,)
+    return _window(sample.view(_BITS_AS_INT[dtype]), k, total, dtype)
+
+
+def _sample_stride(total: int, dtype: torch.dtype) -> int | None:
+    """The stride of the window's sample; None for small inputs and 16-bit floats (a single pass)."""
+    stride = total // SAMPLE
+    return None if stride < 4 or torch.finfo(dtype).bits == 16 else stride
+
+
+def _window(sample: Tensor, k: int, total: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(low, high) around the k-th largest of `total` keys, from the keys of a uniform sample of them."""
     n, q = sample.numel(), k / total
     slack = 5 * (n * q * (1 - q)) ** 0.5 + 5  # five standard deviations of the sampled rank
     high_rank, low_rank = round(q * n - slack), round(q * n + slack)  # ranks from the top
-    keys = torch.topk(sample.view(_BITS_AS_INT[dtype]).long(), min(n, max(low_rank, 1))).values  # descending
+    keys = torch.topk(sample.long(), min(n, max(low_rank, 1))).values  # descending
     high = int(keys[high_rank - 1]) if high_rank >= 1 else torch.iinfo(torch.int64).max
     low = int(keys[low_rank - 1]) if low_rank <= n else 0
     return low, min(high, (1 << (torch.finfo(dtype).bits - 1)) - 1)
@@ -225,8 +237,35 @@ def _select(source: Source, k: int, total: int | None, positions: bool) -> tuple
         key, kept = _radix_select(source, k, None if candidates else window, bits)
         found = key, kept, _cat([where for where, _ in _scan(source, max(key, 1))]) if positions else None
     key, kept, where = found
-    threshold = torch.tensor(key, dtype=_BITS_AS_INT[first.dtype]).view(first.dtype)
-    return threshold.to(first.device), kept, where
+    return key_threshold(key, first.dtype).to(first.device), kept, where
+
+
+def key_threshold(key: int, dtype: torch.dtype) -> Tensor:
+    """The float of `dtype` whose magnitude key is `key`, as a 0-dim tensor."""
+    return torch.tensor(key, dtype=_BITS_AS_INT[dtype]).view(dtype)
+
+
+def threshold_key(threshold: Tensor) -> int:
+    """The magnitude key of a 0-dim float threshold (inverse of `key_threshold`)."""
+    return int(threshold.reshape(1).view(_BITS_AS_INT[threshold.dtype])[0])
+
+
+def fused_top(bases: list[Tensor], models: list[list[Tensor]], k: int, total: int,
+              positions: bool) -> list[native.Selection | None] | None:
+    """Per task t, the top-k magnitudes of the concatenated `models[t] − bases`, by the fused kernels.
+
+    None when the kernels do not apply (see `native.applies`) or the input is too small for a
+    sampled window; a task's entry is None when its window guess missed. The caller then takes the
+    eager path (for that task).
+    """
+    if positions and k > CANDIDATE_SHARE * total:
+        return None
+    stride = _sample_stride(total, torch.float32)
+    if stride is None or not native.applies(*bases, *(m for task in models for m in task)):
+        return None
+    windows = native.parallel(lambda task: _window(native.sample_keys(list(zip(bases, task)), stride), k, total,
+                                                   torch.float32), models, [total] * len(models))
+    return native.select(bases, models, [k] * len(models), windows, positions)
 
 
 def kth_largest_magnitude(source: Source, k: int, total: int | None = None) -> tuple[Tensor, int]:

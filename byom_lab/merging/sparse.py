@@ -12,11 +12,11 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .checks import check_choice, check_density, check_models
+from .checks import check_choice, check_density, models_checked
 from .general import Recipe, vector_source
 from .registry import get_method, method_inputs, register
 from .results import TaskExtras
-from .select import SCOPES, num_kept, top_positions
+from .select import SCOPES, fused_top, num_kept, top_positions
 
 StateDict = Mapping[str, Tensor]
 
@@ -68,19 +68,33 @@ def _entries(model: Tensor, positions: Tensor) -> SparseEntries:
 
 
 def _task_entries(keys: Sequence[str], anchor: StateDict, model: Callable[[str], Tensor], recipe: Recipe,
-                  t: int) -> tuple[dict[str, SparseEntries], int]:
-    """Task t's kept entries per key (ranked over all of `keys` at once) and their count."""
+                  t: int, k: int) -> tuple[dict[str, SparseEntries], int]:
+    """Task t's k top entries of model − anchor over `keys` (ranked together) per key, and their count."""
     sizes = [anchor[key].numel() for key in keys]
-    total = sum(sizes)
-    if total == 0:
-        return {key: _entries(model(key), torch.zeros(0, dtype=torch.int64)) for key in keys}, 0
     source = vector_source(keys, anchor.__getitem__, model, recipe, t)
-    _, kept, positions = top_positions(source, num_kept(recipe.density, total), total)
+    _, kept, positions = top_positions(source, k, sum(sizes))
     offsets = torch.tensor([0] + sizes, dtype=torch.int64, device=positions.device).cumsum(0)
     bounds = torch.searchsorted(positions, offsets).tolist()  # positions are ascending
     out = {key: _entries(model(key), positions[bounds[i] : bounds[i + 1]] - offsets[i])
            for i, key in enumerate(keys)}
     return out, kept
+
+
+def _tasks_entries(keys: Sequence[str], anchor: StateDict, finetuned: Sequence[StateDict],
+                   recipe: Recipe) -> list[tuple[dict[str, SparseEntries], int]]:
+    """Per task, its kept entries per key (ranked over all of `keys` at once) and their count."""
+    total = sum(anchor[key].numel() for key in keys)
+    if total == 0:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return [({key: _entries(model[key], empty) for key in keys}, 0) for model in finetuned]
+    k = num_kept(recipe.density, total)
+    found = fused_top([anchor[key] for key in keys], [[model[key] for key in keys] for model in finetuned], k, total,
+                      positions=True)
+    return [
+        ({key: SparseEntries(*e) for key, e in zip(keys, f.entries, strict=True)}, f.kept) if f is not None
+        else _task_entries(keys, anchor, model.__getitem__, recipe, t, k)
+        for t, (model, f) in enumerate(zip(finetuned, found or [None] * len(finetuned), strict=True))
+    ]
 
 
 def compress(anchor: StateDict, finetuned: Sequence[StateDict], density: float, scope: str) -> SparseTaskResult:
@@ -89,9 +103,8 @@ def compress(anchor: StateDict, finetuned: Sequence[StateDict], density: float, 
     keys, total = list(anchor), sum(t.numel() for t in anchor.values())
     groups = [keys] if scope == "global" else [[key] for key in keys]
     entries, kept = [{} for _ in finetuned], [0] * len(finetuned)
-    for t, model in enumerate(finetuned):
-        for group in groups:
-            found, n = _task_entries(group, anchor, model.__getitem__, recipe, t)
+    for group in groups:
+        for t, (found, n) in enumerate(_tasks_entries(group, anchor, finetuned, recipe)):
             entries[t].update(found)
             kept[t] += n
     entries = [{key: e[key] for key in keys} for e in entries]  # key order of the anchor
@@ -150,5 +163,7 @@ def post_pruning(pretrained: StateDict, finetuned: Sequence[StateDict], density:
     """
     check_density(density)
     check_choice(scope, "scope", SCOPES)
-    check_models(pretrained, finetuned)
-    return compress({k: v.clone() for k, v in pretrained.items()}, finetuned, density, scope)
+    with models_checked(pretrained, finetuned):
+        result = compress(pretrained, finetuned, density, scope)
+    result.merged = {k: v.clone() for k, v in result.merged.items()}  # θ0 itself is the caller's
+    return result

@@ -135,8 +135,8 @@ struct task_scan {
     int64_t above;                  /* entries with key > high so far */
     int32_t *window;                /* keys in [low, high], in order */
     int64_t window_cap, window_len;
-    int32_t *pos, *keys;            /* candidates (key >= low): tensor-local index, key, m[i]; pos NULL: none */
-    float *values;
+    int32_t *pos;                   /* candidates (key >= low): tensor-local index, sign bit set when the key */
+    float *values;                  /* is in the window (it is then the next window key); m[i]. NULL: none */
     int64_t cap, len;
     int32_t nonfinite;              /* set when some v was NaN or infinite */
 };
@@ -160,17 +160,15 @@ static inline void select_lanes(struct task_scan *s, const float *m, const float
     /* left-pack the kept lanes with one permutation per vector (no branch: about half the vectors keep some) */
     const int mask = _mm256_movemask_ps((__m256)kept);
     const __m256i order = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)PACK[mask]));
-    const vi index = LANE + (int32_t)i;
+    const vi index = (LANE + (int32_t)i) | (inside & INT32_MIN);
     _mm256_storeu_si256((__m256i *)(s->pos + s->len), _mm256_permutevar8x32_epi32((__m256i)index, order));
-    _mm256_storeu_si256((__m256i *)(s->keys + s->len), _mm256_permutevar8x32_epi32((__m256i)key, order));
     _mm256_storeu_ps(s->values + s->len, _mm256_permutevar8x32_ps((__m256)value, order));
     s->len += __builtin_popcount((unsigned)mask);
 #else
     if (!any(kept))
         return;
     for (int j = 0; j < lanes; j++) {
-        s->pos[s->len] = (int32_t)(i + j);
-        s->keys[s->len] = key[j];
+        s->pos[s->len] = (int32_t)(i + j) | (inside[j] & INT32_MIN);
         s->values[s->len] = value[j];
         s->len += kept[j] != 0;
     }
@@ -181,7 +179,8 @@ static inline void select_lanes(struct task_scan *s, const float *m, const float
  * (b is read once for all of them).
  *
  * Per task: adds to `above` the number of keys > high and appends the keys in [low, high] to
- * `window`; when `pos` is set, also appends every entry with key >= low as (i, key, models[t][i]);
+ * `window`; when `pos` is set, also appends every entry with key >= low as (i, models[t][i]),
+ * i's sign bit set when its key went to the window;
  * sets `nonfinite` when some v_t is NaN or infinite (else b and the model are proven finite there).
  * Stops at a block boundary when some task's buffer has room for less than one more block (the
  * caller hands that task fresh buffers and calls again from there). Returns the entries processed.
@@ -227,15 +226,20 @@ int64_t bl_sample(const float *m, const float *b, int64_t n, int64_t stride, int
     return c;
 }
 
-/* Keeps, in place and in order, the entries with key >= threshold (>= 1); returns how many. */
-int64_t bl_compact(int32_t *pos, int32_t *keys, float *values, int64_t n, int32_t threshold)
+/* Keeps, in place and in order, the candidates of a selection pass whose key is >= threshold
+ * (>= 1), clearing the sign bits: a candidate without one lies above the window, one with it
+ * takes its key from `window` (the same pass's window keys, in order). Returns how many. */
+int64_t bl_compact(int32_t *pos, float *values, int64_t n, const int32_t *window, int32_t threshold)
 {
-    int64_t c = 0;
+    int64_t c = 0, w = 0;
     for (int64_t i = 0; i < n; i++) {
-        pos[c] = pos[i];
-        keys[c] = keys[i];
+        const int32_t p = pos[i];
+        int keep = 1;
+        if (p < 0)
+            keep = window[w++] >= threshold;
+        pos[c] = p & INT32_MAX;
         values[c] = values[i];
-        c += keys[i] >= threshold;
+        c += keep;
     }
     return c;
 }

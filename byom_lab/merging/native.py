@@ -87,7 +87,7 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib.bl_select.restype = _I64
     lib.bl_select.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _PTR]
     lib.bl_compact.restype = _I64
-    lib.bl_compact.argtypes = [_PTR, _PTR, _PTR, _I64, _I32]
+    lib.bl_compact.argtypes = [_PTR, _PTR, _I64, _PTR, _I32]
     lib.bl_sample.restype = _I64
     lib.bl_sample.argtypes = [_PTR, _PTR, _I64, _I64, _PTR]
     lib.bl_merge.restype = ctypes.c_int
@@ -212,7 +212,7 @@ class TaskScan(ctypes.Structure):
     """struct task_scan of native.c: one task's window, counts and buffers in a selection pass."""
 
     _fields_ = [("low", _I32), ("high", _I32), ("above", _I64), ("window", _PTR), ("window_cap", _I64),
-                ("window_len", _I64), ("pos", _PTR), ("keys", _PTR), ("values", _PTR), ("cap", _I64),
+                ("window_len", _I64), ("pos", _PTR), ("values", _PTR), ("cap", _I64),
                 ("len", _I64), ("nonfinite", _I32)]
 
 
@@ -229,19 +229,18 @@ def _refill(state: TaskScan, found: _Found, left: int, share: float, positions: 
     _flush(state, found)
     window = np.empty(left // WINDOW_SHARE + BLOCK, np.int32)  # the kernel needs room for a block, then stops
     cap = min(left, int(share * left * CANDIDATE_SLACK)) + BLOCK + 8 if positions else 0
-    pos, keys, values = np.empty(cap, np.int32), np.empty(cap, np.int32), np.empty(cap, np.float32)
-    found.buffers = window, pos, keys, values
+    pos, values = np.empty(cap, np.int32), np.empty(cap, np.float32)
+    found.buffers = window, pos, values
     state.window, state.window_cap, state.window_len = _ptr(window), window.size, 0
-    state.pos, state.keys, state.values, state.cap, state.len = (_ptr(pos) if positions else None, _ptr(keys),
-                                                                 _ptr(values), cap, 0)
+    state.pos, state.values, state.cap, state.len = _ptr(pos) if positions else None, _ptr(values), cap, 0
 
 
 def _flush(state: TaskScan, found: _Found) -> None:
     if found.buffers is not None:
-        window, pos, keys, values = found.buffers
+        window, pos, values = found.buffers
         found.window.append(window[: state.window_len])
-        if state.pos:
-            found.candidates.append((pos, keys, values, state.len))
+        if state.pos:  # candidates[j] goes with window[j]: their in-window entries take its keys in order
+            found.candidates.append((pos, values, state.len))
         found.buffers = None
 
 
@@ -327,8 +326,8 @@ def select(bases: Sequence[Tensor], models: Sequence[Sequence[Tensor]], ks: Sequ
                 kept.append(None)
                 continue
             kept.append([])
-            for pos, keys, values, n in f.candidates:
-                n = lib.bl_compact(_ptr(pos), _ptr(keys), _ptr(values), n, threshold)
+            for (pos, values, n), window in zip(f.candidates, f.window, strict=True):
+                n = lib.bl_compact(_ptr(pos), _ptr(values), n, _ptr(window), threshold)
                 kept[-1].append((pos[:n], values[:n]))
         return kept
 

@@ -12,7 +12,7 @@ import time
 
 import byom_lab as bl
 from byom_lab import merging
-from byom_lab.widgets import FastByom, byom_accuracies
+from byom_lab.precomputed import FastByom, byom_accuracies
 
 M_VALUES = [0.5, 1, 2, 5, 10, 20]
 

@@ -4,7 +4,8 @@ from ._compat import fix_torchvision
 fix_torchvision()  # before anything imports torchvision (open_clip does)
 
 from .evaluation import evaluate  # noqa: E402
-from .suite import Suite, load_suite  # noqa: E402
+from .suite import Suite  # noqa: E402
+from .suites import load_suite  # noqa: E402
 
 __all__ = ["Suite", "evaluate", "list_methods", "load_suite", "merging", "setup"]
 __version__ = "0.1.0"

@@ -4,6 +4,22 @@ import seaborn as sns
 
 sns.set_theme(context="notebook", style="whitegrid")
 
+METHOD_LABELS = {
+    "simple_average": "simple average", "task_arithmetic": "task arithmetic", "ties": "TIES", "dare": "DARE",
+    "byom_fft": "BYOM-FFT", "post_pruning": "post-pruning (prune-then-merge)", "byom_lora": "BYOM-LoRA",
+    "emr": "EMR-Merging",
+}
+
+
+def method_label(name: str) -> str:
+    """How a registered method name reads in a figure ("task_arithmetic" -> "task arithmetic")."""
+    return METHOD_LABELS.get(name, name.replace("_", " "))
+
+
+def percent(value: float) -> str:
+    """A percentage the way a paper writes it: 63, 5, 1.6, 0.1 (two significant digits below 10)."""
+    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
+
 
 def task_gallery(suite, split: str = "test", per_class: int = 1, max_classes: int = 10):
     """One row per task, one example image per class, titled with the class name."""
@@ -154,4 +170,21 @@ def lambda_curve(scores: dict, chosen=None, ax=None):
     ax.set_xlabel("λ")
     _percent_axis(ax, "mean validation accuracy (%)")
     ax.set_title("Choosing λ on the validation split")
+    return fig
+
+
+def plot_byom_panel(accs: dict, reference: dict, merger: str, setting: str, label: str = "fine-tuned"):
+    """Bar chart of per-task accuracy of `merger` at `setting` (e.g. "m = 5%") next to each task's reference."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    names = list(accs)
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [100 * reference[n] for n in names], width=0.4, label=label, color="0.75")
+    ax.bar([x + 0.2 for x in xs], [100 * accs[n] for n in names], width=0.4, label=f"{merger}, {setting}")
+    ax.set_xticks(list(xs), names, rotation=30, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    mean = 100 * sum(accs.values()) / len(accs)
+    ax.set_title(f"{merger}, {setting}: mean accuracy {mean:.1f}%", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
     return fig

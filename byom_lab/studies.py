@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 
 from . import cache, merging
 from .evaluation import evaluate
-from .table import select_lambda
+from .selection import select_lambda
 
 
 def _check_sweep(values, name):
@@ -143,7 +143,7 @@ def base_merger_study(suite, bases=("simple_average", "task_arithmetic", "ties")
 def pair_study(names=("tiny-similar", "tiny-dissimilar"), densities=(0.01, 0.05, 0.1), lam: float = 1.0,
                split: str = "test") -> pd.DataFrame:
     """Merging two similar vs two dissimilar tasks: task arithmetic and BYOM-FFT per pair."""
-    from .suite import load_suite
+    from .suites import load_suite
 
     frames = []
     for name in _check_sweep(names, "names"):

@@ -1,46 +1,15 @@
 """The headline results table: every method on every task of a suite, hyperparameters from val."""
 import functools
-import json
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import cache, merging
+from . import merging
 from .evaluation import evaluate
 from .finetune import apply_lora
+from .selection import LAMBDA_GRID, TIES_DENSITIES, TIES_LAMBDA_GRID, select_lambda, select_ties
 
-LAMBDA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))
 DENSITIES = (0.01, 0.05, 0.10)
-TIES_DENSITIES = (0.1, 0.2)
-TIES_LAMBDA_GRID = tuple(0.5 * i for i in range(1, 9))  # 0.5..4.0: TIES averages agreeing entries, so it wants a larger λ
-
-
-def mean_accuracy(suite, models, split="val") -> float:
-    return float(evaluate(suite, models, split)["accuracy"].mean())
-
-
-def select_lambda(suite, method: str = "task_arithmetic", grid=LAMBDA_GRID, **kwargs):
-    """λ maximising mean validation accuracy of merging.<method>(..., lam=λ); returns (λ, {λ: score}).
-
-    Only the validation split is read. The scores are cached per suite, method, grid and options.
-    """
-    fn = merging.get_method(method)
-    grid = [float(g) for g in grid]
-    if not grid:
-        raise ValueError("empty λ grid")
-
-    def build(tmp):
-        scores = {}
-        for lam in tqdm(grid, desc=f"λ for {method}", leave=False):
-            models = fn(suite.pretrained, suite.finetuned, lam=lam, **kwargs)
-            scores[lam] = mean_accuracy(suite, models, "val")
-        tmp.write_text(json.dumps(list(scores.items())))
-
-    key = {"method": method, "grid": grid, "kwargs": kwargs, "suite": suite.info["identity"]}
-    path = cache.entry("lambda", key) / "scores.json"
-    scores = dict(cache.cached(path, build, lambda p: [tuple(x) for x in json.loads(p.read_text())]))
-    best = max(scores, key=lambda k: (scores[k], -k))
-    return best, scores
 
 
 def _row(suite, label, models, split, extra_params=0, **hyper):
@@ -55,16 +24,6 @@ def _row(suite, label, models, split, extra_params=0, **hyper):
         row["extra_bytes_per_task"] = extra_params * next(iter(suite.pretrained.values())).element_size()
     row["hyperparameters"] = ", ".join(f"{k}={v}" for k, v in hyper.items())
     return row
-
-
-def select_ties(suite, densities=TIES_DENSITIES, grid=TIES_LAMBDA_GRID):
-    """(density, λ) of TIES maximising mean validation accuracy."""
-    best = None
-    for d in densities:
-        lam, scores = select_lambda(suite, "ties", grid=grid, density=d)
-        if best is None or scores[lam] > best[2]:
-            best = (d, lam, scores[lam])
-    return best[0], best[1]
 
 
 def headline_table(suite, split: str = "test", densities=DENSITIES, lambda_grid=LAMBDA_GRID,

@@ -5,8 +5,10 @@ import torch
 
 import byom_lab as bl
 from byom_lab import merging, plots, studies
-from byom_lab.table import headline_table, select_lambda
-from byom_lab.widgets import ByomPanel, FastByom, FastLora, LoraPanel, byom_accuracies
+from byom_lab.selection import select_lambda
+from byom_lab.table import headline_table
+from byom_lab.precomputed import FastByom, FastLora, byom_accuracies
+from byom_lab.widgets import ByomPanel, LoraPanel
 
 matplotlib.use("Agg")
 

@@ -13,8 +13,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import byom_lab as bl
-from byom_lab import paper_checkpoints as pc
-from byom_lab import paper_data as pd_
+from byom_lab.paper import checkpoints as pc
+from byom_lab.paper import data as pd_
 from byom_lab.model import open_clip
 from byom_lab.paper import load_pretrained, select_tasks
 

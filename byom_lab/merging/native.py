@@ -49,12 +49,14 @@ def _cpu_tag() -> str:
 
 
 def _build_dir() -> Path:
-    try:
-        from ..cache import home  # cache imports filelock: only needed here
+    """Where compiled kernels live: $BYOM_LAB_NATIVE_DIR, else `native/` in $BYOM_LAB_HOME (default ~/.cache/byom_lab).
 
-        return home() / "native"
-    except (ImportError, OSError, RuntimeError):  # CacheError (unwritable) leaves a private temporary directory
-        return Path(tempfile.gettempdir()) / f"byom_lab_native_{os.getuid() if hasattr(os, 'getuid') else 0}"
+    Read from the environment here, so that the merging package needs nothing from the suite machinery.
+    """
+    explicit = os.environ.get("BYOM_LAB_NATIVE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(os.environ.get("BYOM_LAB_HOME", Path.home() / ".cache" / "byom_lab")).expanduser() / "native"
 
 
 def compile_library(target: Path, arch: Sequence[str] = ("-march=native",)) -> None:

@@ -82,3 +82,12 @@ def paint(img, mask, col):
 def finish(img, noise: float, g: torch.Generator):
     """Add pixel noise and clamp to [0, 1]."""
     return (img + noise * torch.randn(img.shape, generator=g)).clamp(0, 1)
+
+
+def by_class(labels, g, draw_one_class):
+    """Call draw_one_class(c, n, g) for each class present and scatter results back."""
+    out = torch.empty(len(labels), 3, SIZE, SIZE)
+    for c in labels.unique(sorted=True).tolist():
+        idx = (labels == c).nonzero().flatten()
+        out[idx] = draw_one_class(c, len(idx), g)
+    return out

@@ -2,14 +2,13 @@
 import torch
 
 from .. import manifest as mf
-from . import generators as g1
-from . import generators2 as g2
+from ..suite import SPLITS
+from . import scenery, symbols
 
 GENERATORS = {
-    "scenes": g1.scenes, "cars": g1.cars, "aerial": g1.aerial, "landcover": g1.landcover,
-    "street_digits": g2.street_digits, "signs": g2.signs, "textures": g2.textures,
+    "scenes": scenery.scenes, "cars": scenery.cars, "aerial": scenery.aerial, "landcover": scenery.landcover,
+    "street_digits": symbols.street_digits, "signs": symbols.signs, "textures": symbols.textures,
 }
-SPLITS = ("train", "val", "test")
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -22,7 +21,7 @@ def _balanced_labels(n: int, n_classes: int, g: torch.Generator) -> torch.Tensor
 
 
 def _digits_splits(spec: mf.TaskSpec) -> dict:
-    images, labels, raw = g2.handwritten_digits()
+    images, labels, raw = symbols.handwritten_digits()
     expected = mf.manifest()["tiny"]["tasks"][spec.name].get("sha256")
     mf.check_sha256("scikit-learn load_digits", mf.sha256_bytes(raw.numpy().tobytes()), expected)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(spec.seed))

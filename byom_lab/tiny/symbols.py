@@ -1,11 +1,10 @@
-"""More tiny-suite generators: street digits, signs, textures, and real handwritten digits."""
+"""Symbol and pattern generators of the tiny suite: street digits, signs, textures, and real handwritten digits."""
 import math
 
 import torch
 
-from .draw import (SIZE, band, colour, disk, finish, grid, paint, polygon, random_colour, rect,
+from .draw import (SIZE, band, by_class, colour, disk, finish, grid, paint, polygon, random_colour, rect,
                    ring, rotate, smooth_noise, uniform)
-from .generators import _by_class
 
 XX, YY = grid()
 
@@ -88,7 +87,7 @@ def signs(labels, g):
             img = paint(img, rect(XX, YY, cx - .3 * r, cy - .45 * r, cx - .1 * r, cy + .45 * r), colour(white, n, .03, g))
             img = paint(img, ring(XX, YY, cx, cy - .2 * r, .1 * r, .28 * r) * (XX > cx - .1 * r).float(), colour(white, n, .03, g))
         return finish(img * uniform(n, .6, 1.1, g), .04, g)
-    return _by_class(labels, g, one)
+    return by_class(labels, g, one)
 
 
 def textures(labels, g):
@@ -119,7 +118,7 @@ def textures(labels, g):
             m = smooth_noise(n, 5, g) > .55
         c1, c2 = random_colour(n, g), random_colour(n, g)
         return finish(paint(c2 * torch.ones(n, 3, SIZE, SIZE), m.float(), c1), .04, g)
-    return _by_class(labels, g, one)
+    return by_class(labels, g, one)
 
 
 def handwritten_digits():

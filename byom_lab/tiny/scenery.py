@@ -1,4 +1,6 @@
-"""Image generators for the tiny suite: one function per family, (labels, generator) -> images.
+"""Scenery generators of the tiny suite: scenes, cars, aerial views and land cover.
+
+One function per family, (labels, generator) -> images.
 
 Each returns float images of shape (n, 3, 32, 32) in [0, 1]; everything random is drawn from
 the given torch.Generator, so the same seed gives the same pixels.
@@ -7,19 +9,10 @@ import math
 
 import torch
 
-from .draw import (SIZE, band, colour, disk, ellipse, finish, grid, paint, polygon, random_colour,
+from .draw import (SIZE, band, by_class, colour, disk, ellipse, finish, grid, paint, polygon, random_colour,
                    rect, ring, rotate, smooth_noise, uniform)
 
 XX, YY = grid()
-
-
-def _by_class(labels, g, draw_one_class):
-    """Call draw_one_class(c, n, g) for each class present and scatter results back."""
-    out = torch.empty(len(labels), 3, SIZE, SIZE)
-    for c in labels.unique(sorted=True).tolist():
-        idx = (labels == c).nonzero().flatten()
-        out[idx] = draw_one_class(c, len(idx), g)
-    return out
 
 
 # --- scenes (SUN397-like) ------------------------------------------------------------------
@@ -70,7 +63,7 @@ def scenes(labels, g):
             img = paint(img, ellipse(XX, YY, uniform(n, .4, .6, g), uniform(n, .4, .6, g), uniform(n, .15, .25, g), uniform(n, .2, .3, g)),
                         colour((.85, .85, .75), n, .05, g))
         return finish(img, .04, g)
-    return _by_class(labels, g, one)
+    return by_class(labels, g, one)
 
 
 # --- cars (Stanford-Cars-like, fine-grained by silhouette) --------------------------------------
@@ -106,7 +99,7 @@ def cars(labels, g):
         for wx in (.2, .8):
             img = paint(img, disk(XX, YY, x0 + wx * L, ybase, R), colour((.08, .08, .08), n, .02, g))
         return finish(img, .03, g)
-    return _by_class(labels, g, one)
+    return by_class(labels, g, one)
 
 
 # --- aerial (RESISC45-like, top-down scenes) ----------------------------------------------------
@@ -146,7 +139,7 @@ def aerial(labels, g):
             houses = (smooth_noise(n, 10, g) > .62).float() * (torch.sin(u * 40) > -.3).float()
             img = paint(img, houses, colour((.7, .3, .25), n, .1, g))
         return finish(img, .03, g)
-    return _by_class(labels, g, one)
+    return by_class(labels, g, one)
 
 
 # --- land cover (EuroSAT-like, multispectral false colour) --------------------------------------
@@ -182,4 +175,4 @@ def landcover(labels, g):
         elif kind == "river":
             img = paint(img, band(v + .1 * torch.sin(u * uniform(n, 6, 12, g)), 0, .07), colour((.1, .25, .55), n, .04, g))
         return finish(img, .03, g)
-    return _by_class(labels, g, one)
+    return by_class(labels, g, one)

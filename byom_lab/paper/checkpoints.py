@@ -59,7 +59,7 @@ def _refuse_pickle(path, err):
         f"modules), not a plain state dict; unpickling runs code from the file, so it is refused by "
         f"default ({type(err).__name__}: {str(err).splitlines()[0]}). If you trust the file, pass "
         f"allow_pickle=True, or convert it once to safetensors with "
-        f"byom_lab.paper_checkpoints.convert_checkpoint(src, dst, allow_pickle=True)")
+        f"byom_lab.paper.checkpoints.convert_checkpoint(src, dst, allow_pickle=True)")
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -3,7 +3,7 @@
 Nothing is downloaded unless open_clip may (a weight tag without HF_HUB_OFFLINE); every other input is
 a local path: the weights (BYOM_LAB_PAPER_WEIGHTS), the fine-tuned checkpoints
 (BYOM_LAB_PAPER_CHECKPOINTS) and the datasets (BYOM_LAB_PAPER_DATA). File formats are listed in
-byom_lab.paper_checkpoints, dataset layouts in byom_lab.paper_data.
+byom_lab.paper.checkpoints, dataset layouts in byom_lab.paper.data.
 """
 import json
 import os
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from . import manifest as mf
-from .model import open_clip, visual_state_dict, zeroshot_head
-from .paper_checkpoints import check_state_dict, load_checkpoint, load_lora, read_state_dict
-from .paper_data import TEMPLATES, expected_layouts, find_dataset, load_dataset
-from .suite import Suite
+from .. import manifest as mf
+from ..model import open_clip, visual_state_dict, zeroshot_head
+from ..suite import Suite
+from .checkpoints import check_state_dict, load_checkpoint, load_lora, read_state_dict
+from .data import TEMPLATES, expected_layouts, find_dataset, load_dataset
 
 ENV_WEIGHTS, ENV_CHECKPOINTS, ENV_DATA = "BYOM_LAB_PAPER_WEIGHTS", "BYOM_LAB_PAPER_CHECKPOINTS", "BYOM_LAB_PAPER_DATA"
 _JIT_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # ints in OpenAI's TorchScript files
@@ -234,7 +234,7 @@ def load_paper_suite(tasks=None, model: str = "ViT-B-32", weights=None, checkpoi
             or `<root>[/<model>]/<Dataset>/` HF CLIP vision folders, or a {task: path} dict
             (default: $BYOM_LAB_PAPER_CHECKPOINTS).
         lora_checkpoints: optional root of `<Dataset>.safetensors` or `<Dataset>/` peft adapters, or a dict.
-        data_root: folder of the datasets (default: $BYOM_LAB_PAPER_DATA); layouts in byom_lab.paper_data.
+        data_root: folder of the datasets (default: $BYOM_LAB_PAPER_DATA); layouts in byom_lab.paper.data.
         image_size: must equal the model's input size when given (images are stored at that size).
         max_images: keep at most this many images per split (a seeded subset) for quick runs.
         allow_pickle: unpickle whole-module checkpoints (task-vectors' `ImageEncoder` files); runs code

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .draw import (SIZE, band, by_class, colour, disk, ellipse, finish, grid, paint, polygon, random_colour,
+from .draw import (SIZE, band, by_class, colour, disk, ellipse, finish, grid, paint, random_colour,
                    rect, ring, rotate, smooth_noise, uniform)
 
 XX, YY = grid()

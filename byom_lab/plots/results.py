@@ -1,53 +1,8 @@
-"""Figures for the notebooks: pure functions returning a matplotlib Figure."""
+"""Figures of results: accuracy against m, q, λ, number of tasks and storage; the widget panel's bars."""
 import matplotlib.pyplot as plt
 import seaborn as sns
 
-sns.set_theme(context="notebook", style="whitegrid")
-
-METHOD_LABELS = {
-    "simple_average": "simple average", "task_arithmetic": "task arithmetic", "ties": "TIES", "dare": "DARE",
-    "byom_fft": "BYOM-FFT", "post_pruning": "post-pruning (prune-then-merge)", "byom_lora": "BYOM-LoRA",
-    "emr": "EMR-Merging",
-}
-
-
-def method_label(name: str) -> str:
-    """How a registered method name reads in a figure ("task_arithmetic" -> "task arithmetic")."""
-    return METHOD_LABELS.get(name, name.replace("_", " "))
-
-
-def percent(value: float) -> str:
-    """A percentage the way a paper writes it: 63, 5, 1.6, 0.1 (two significant digits below 10)."""
-    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
-
-
-def task_gallery(suite, split: str = "test", per_class: int = 1, max_classes: int = 10):
-    """One row per task, one example image per class, titled with the class name."""
-    n_tasks = len(suite.tasks)
-    cols = min(max_classes, max(len(c) for c in suite.classes)) * per_class
-    fig, axes = plt.subplots(n_tasks, cols, figsize=(1.1 * cols, 1.25 * n_tasks), squeeze=False)
-    for t, task in enumerate(suite.tasks):
-        x, y = suite.data[task][split]
-        for ax in axes[t]:
-            ax.axis("off")
-        for c, name in enumerate(suite.classes[t][:max_classes]):
-            idx = (y == c).nonzero().flatten()[:per_class]
-            for j, i in enumerate(idx.tolist()):
-                ax = axes[t, c * per_class + j]
-                ax.imshow(x[i].permute(1, 2, 0).numpy())
-                ax.set_title(name[:12], fontsize=7)
-        axes[t, 0].text(-0.15, 0.5, task, transform=axes[t, 0].transAxes, ha="right", va="center", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def _mean_by(df, keys, value="accuracy"):
-    return df.groupby(keys, as_index=False)[value].mean()
-
-
-def _percent_axis(ax, label="average accuracy (%)"):
-    ax.set_ylabel(label)
-    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{100 * v:.0f}"))
+from .common import figure, mean_by, percent_axis
 
 
 def accuracy_vs_m(sweep, reference=None, ax=None):
@@ -56,8 +11,8 @@ def accuracy_vs_m(sweep, reference=None, ax=None):
     `reference` optionally maps a label (e.g. "individual", "task arithmetic") to a mean accuracy
     drawn as a horizontal line.
     """
-    fig, ax = _figure(ax)
-    data = _mean_by(sweep, ["method", "m_percent"])
+    fig, ax = figure(ax)
+    data = mean_by(sweep, ["method", "m_percent"])
     sns.lineplot(data=data, x="m_percent", y="accuracy", hue="method", marker="o", ax=ax)
     for i, (label, value) in enumerate((reference or {}).items()):
         ax.axhline(value, ls="--", lw=1, color=f"C{i + 2}", label=label)
@@ -66,7 +21,7 @@ def accuracy_vs_m(sweep, reference=None, ax=None):
     ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel("m: parameters kept per task (%)")
-    _percent_axis(ax)
+    percent_axis(ax)
     ax.legend()
     ax.set_title("Merge-then-prune (BYOM-FFT) vs prune-then-merge")
     return fig
@@ -74,19 +29,19 @@ def accuracy_vs_m(sweep, reference=None, ax=None):
 
 def accuracy_vs_rank(sweep, ax=None):
     """BYOM-LoRA mean accuracy against the kept rank q."""
-    fig, ax = _figure(ax)
-    data = _mean_by(sweep, ["method", "rank"])
+    fig, ax = figure(ax)
+    data = mean_by(sweep, ["method", "rank"])
     sns.lineplot(data=data, x="rank", y="accuracy", hue="method", marker="o", ax=ax)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("q: rank kept per LoRA matrix")
-    _percent_axis(ax)
+    percent_axis(ax)
     ax.set_title("BYOM-LoRA: accuracy vs rank")
     return fig
 
 
 def error_vs_rank(errors, ax=None):
     """Relative Frobenius error of the rank-q approximation (log axis), mean and spread over layers."""
-    fig, ax = _figure(ax)
+    fig, ax = figure(ax)
     sns.lineplot(data=errors, x="rank", y="relative_error", hue="task", marker="o", errorbar=("pi", 100), ax=ax)
     ax.set_yscale("log")
     ax.set_xscale("log", base=2)
@@ -98,17 +53,17 @@ def error_vs_rank(errors, ax=None):
 
 def accuracy_vs_num_tasks(study, ax=None):
     """Mean normalised accuracy of the merged tasks against the number of tasks merged."""
-    fig, ax = _figure(ax)
+    fig, ax = figure(ax)
     sns.lineplot(data=study, x="k", y="normalized_accuracy", hue="method", marker="o", errorbar="sd", ax=ax)
     ax.set_xlabel("number of tasks merged")
-    _percent_axis(ax, "normalized accuracy (%)")
+    percent_axis(ax, "normalized accuracy (%)")
     ax.set_title("More tasks, more interference")
     return fig
 
 
 def accuracy_vs_params(table, ax=None):
     """Each method's average accuracy against the extra parameters it stores per task."""
-    fig, ax = _figure(ax)
+    fig, ax = figure(ax)
     data = table.reset_index()
     x = data["extra_params_per_task"].clip(lower=1)
     ax.scatter(x, data["average"], s=40)
@@ -123,52 +78,25 @@ def accuracy_vs_params(table, ax=None):
 
 def pair_comparison(study, ax=None):
     """Similar vs dissimilar pairs: mean accuracy of each method at each m."""
-    fig, ax = _figure(ax)
-    data = _mean_by(study, ["pair", "method", "m_percent"])
+    fig, ax = figure(ax)
+    data = mean_by(study, ["pair", "method", "m_percent"])
     sns.lineplot(data=data, x="m_percent", y="accuracy", hue="pair", style="method", markers=True, ax=ax)
     ax.set_xlabel("m (%; 0 = task arithmetic alone)")
-    _percent_axis(ax)
+    percent_axis(ax)
     ax.set_title("Similar vs dissimilar tasks")
-    return fig
-
-
-def _figure(ax):
-    if ax is not None:
-        return ax.figure, ax
-    fig, ax = plt.subplots(figsize=(6, 4))
-    return fig, ax
-
-
-def task_vector_similarity(vectors, names):
-    """DataFrame of cosine similarities between flattened task vectors."""
-    import pandas as pd
-    import torch
-
-    flat = torch.stack([torch.cat([v[k].reshape(-1).double() for k in sorted(v)]) for v in vectors])  # float64: 4.8M-term sums
-    flat = torch.nn.functional.normalize(flat, dim=1)
-    return pd.DataFrame((flat @ flat.T).numpy(), index=list(names), columns=list(names))
-
-
-def similarity_heatmap(similarity, ax=None):
-    """Heatmap of a task-by-task similarity DataFrame."""
-    fig, ax = _figure(ax)
-    sns.heatmap(similarity, annot=True, fmt=".2f", cmap="viridis", vmin=0, vmax=1, square=True, ax=ax,
-                annot_kws={"fontsize": 7}, cbar_kws={"label": "cosine similarity"})
-    ax.set_title("Cosine similarity of task vectors")
-    fig.tight_layout()
     return fig
 
 
 def lambda_curve(scores: dict, chosen=None, ax=None):
     """Mean validation accuracy against λ, with the chosen λ marked."""
-    fig, ax = _figure(ax)
+    fig, ax = figure(ax)
     lams = sorted(scores)
     ax.plot(lams, [scores[k] for k in lams], marker="o")
     if chosen is not None:
         ax.axvline(chosen, ls="--", color="0.5", label=f"chosen λ = {chosen:g}")
         ax.legend()
     ax.set_xlabel("λ")
-    _percent_axis(ax, "mean validation accuracy (%)")
+    percent_axis(ax, "mean validation accuracy (%)")
     ax.set_title("Choosing λ on the validation split")
     return fig
 

@@ -4,6 +4,7 @@ Every method takes `dict[str, Tensor]` state dicts (θ0 and one θ_t per task) a
 state dict or a result object holding the shared model and per-task extras. Methods are
 registered by name: `list_methods()`, `get_method(name)`.
 """
+from . import textbook
 from .emr import EMRResult, emr
 from .family import dare, simple_average, task_arithmetic, ties
 from .general import MergeOutput, Recipe, merge_with_recipe, task_vectors
@@ -35,6 +36,7 @@ __all__ = [
     "task_arithmetic",
     "task_arithmetic_files",
     "task_vectors",
+    "textbook",
     "ties",
     "ties_files",
     "top",

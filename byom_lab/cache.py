@@ -38,12 +38,19 @@ def entry(kind: str, config) -> Path:
     return path
 
 
+TMP_SUFFIX = ".tmp"
+
+
 @contextlib.contextmanager
 def atomic_path(final):
-    """Yield a temp path beside `final`; on success it is renamed over `final`, on error removed."""
+    """Yield a temp path beside `final`; on success it is renamed over `final`, on error removed.
+
+    The temp file is named `.<final name>.<writer pid>.<random>.tmp`, so that a later run can tell
+    the leftovers of a killed writer (`sweep_stale`) from a live writer's file.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=final.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -61,10 +68,43 @@ def lock(path) -> FileLock:
     return FileLock(str(path.parent / f".{path.name}.lock"))
 
 
+def _writer_alive(tmp: Path) -> bool:
+    """Whether the process that created temp file `tmp` (pid in its name) still runs on this machine."""
+    parts = tmp.name.rsplit(".", 3)  # [".<final name>", "<pid>", "<random>", "tmp"]
+    try:
+        pid = int(parts[1])
+    except (IndexError, ValueError):
+        return False  # not named by atomic_path (or an older byom-lab): nobody owns it
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_stale(folder) -> list:
+    """Remove temp files in `folder` left by writers that no longer run (a build killed with kill -9); returns them."""
+    removed = []
+    for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        if not _writer_alive(tmp):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
 def cached(path, build, load):
-    """Return load(path); build it first (atomically, under a lock) when absent or unreadable."""
+    """Return load(path); build it first (atomically, under a lock) when absent or unreadable.
+
+    Taking the lock also sweeps the folder's temp files of dead writers.
+    """
     path = Path(path)
     with lock(path):
+        sweep_stale(path.parent)
         if path.exists():
             try:
                 return load(path)

@@ -68,7 +68,21 @@ def test_crash_mid_write_leaves_nothing_a_later_run_reads(tmp_home):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not path.exists()
+    leftovers = list(path.parent.glob(".*.tmp"))
+    assert len(leftovers) == 1 and f".{proc.pid}." in leftovers[0].name  # the dead writer's half file
     assert cache.cached(path, lambda tmp: tmp.write_text("full"), lambda p: p.read_text()) == "full"
+    assert list(path.parent.glob(".*.tmp")) == []  # swept when the lock was taken
+
+
+def test_sweep_keeps_live_writers_and_foreign_files(tmp_path):
+    live = tmp_path / f".a.bin.{os.getpid()}.abcdefgh.tmp"
+    dead = tmp_path / ".b.bin.999999999.abcdefgh.tmp"  # no such pid
+    unnamed = tmp_path / ".c.bin.abcdefgh.tmp"  # an older writer's name, without a pid
+    other = tmp_path / "notes.tmp"  # not a hidden temp of ours
+    for f in (live, dead, unnamed, other):
+        f.write_text("x")
+    assert sorted(p.name for p in cache.sweep_stale(tmp_path)) == sorted([dead.name, unnamed.name])
+    assert live.exists() and other.exists() and not dead.exists() and not unnamed.exists()
 
 
 def test_concurrent_builders_build_once(tmp_home):

@@ -123,9 +123,15 @@ def check_fraction(value: float, name: str, *, low_open: bool = True, high_open:
     return float(value)
 
 
-def check_density(density: float) -> float:
-    """Raise unless density lies in (0, 1]."""
-    return check_fraction(density, "density")
+def check_density(density: float, name: str = "density") -> float:
+    """Raise unless density lies in (0, 1]; a value in (1, 100] is explained as a percent given for a fraction."""
+    try:
+        return check_fraction(density, name)
+    except ValueError as e:
+        if isinstance(density, (int, float)) and 1 < density <= 100:
+            raise ValueError(f"{e}: {name} is m as a fraction, not a percent (m = {density:g}% is "
+                             f"{name} {density / 100:g})") from None
+        raise
 
 
 def check_choice(value: str, name: str, choices: Sequence[str]) -> str:

@@ -11,7 +11,7 @@ As written in DESIGN.md. The authors' code differs in two details: it elects −
 exactly 0, and sums per-tensor means (not all entries) in s_t.
 """
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import ClassVar, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from torch import Tensor
 from .checks import check_models
 from .general import compute_dtype
 from .registry import register
-from .results import TaskExtras
+from .results import TaskExtras, recorded
 
 StateDict = Mapping[str, Tensor]
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
@@ -42,10 +42,11 @@ def unpack_bits(packed: Tensor, shape: torch.Size) -> Tensor:
 class EMRResult(TaskExtras):
     """θ0, the unified task vector τ, and per task a packed bit mask and a rescaler."""
 
+    kind: ClassVar[str] = "emr"
     pretrained: dict[str, Tensor]
     unified: dict[str, Tensor]  # τ
     masks: list[dict[str, Tensor]]  # masks[t][key]: packed bits of M_t
-    scales: list[float]  # s_t
+    scales: list[float]  # s_t, float32 values (stored as one float32 each)
 
     @property
     def num_tasks(self) -> int:
@@ -74,6 +75,25 @@ class EMRResult(TaskExtras):
     def task_bytes(self, t: int) -> int:
         """Packed mask bytes plus one float32 rescaler."""
         return sum(m.nbytes for m in self.masks[t].values()) + 4
+
+    def stored_shared(self) -> dict[str, dict[str, Tensor]]:
+        """The shared files: θ0 and the unified task vector τ."""
+        return {"pretrained": self.pretrained, "unified": self.unified}
+
+    def stored_task(self, t: int) -> dict[str, Tensor]:
+        """The tensors of task t's file: `{key}::mask` (packed bits) and `scale` (float32)."""
+        masks = {f"{key}::mask": mask for key, mask in self.masks[t].items()}
+        return {**masks, "scale": torch.tensor(self.scales[t], dtype=torch.float32)}
+
+    def stored_info(self) -> dict:
+        """What the manifest records besides tensors: nothing."""
+        return {}
+
+    @classmethod
+    def from_stored(cls, shared: dict, tasks: list[dict], manifest: dict) -> "EMRResult":
+        """The result from its files' tensors and manifest (inverse of the `stored_*` methods)."""
+        masks = [{key: task[f"{key}::mask"] for key in manifest["keys"]} for task in tasks]
+        return cls(shared["pretrained"], shared["unified"], masks, [float(task["scale"]) for task in tasks])
 
 
 @register("emr")
@@ -106,4 +126,5 @@ def emr(pretrained: StateDict, finetuned: Sequence[StateDict]) -> EMRResult:
             abs_masked[t] += (tau.abs() * mask).sum(dtype=torch.float64).cpu()
         unified[key] = tau.to(base.dtype)
     scales = [float(a / m) if m > 0 else 0.0 for a, m in zip(abs_v, abs_masked, strict=True)]
-    return EMRResult({k: v.clone() for k, v in pretrained.items()}, unified, masks, scales)
+    scales = torch.tensor(scales, dtype=torch.float32).tolist()  # one float32 per task, as stored and counted
+    return recorded(EMRResult({k: v.clone() for k, v in pretrained.items()}, unified, masks, scales), "emr")

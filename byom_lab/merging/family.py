@@ -1,4 +1,5 @@
 """The task-arithmetic family, each member one `Recipe` of the general mechanism (general.py)."""
+import inspect
 from dataclasses import replace
 from typing import Callable, Mapping, Sequence
 
@@ -19,12 +20,51 @@ RECIPES: dict[str, Callable[..., Recipe]] = {
 }
 
 
+def _member_recipe(name: str, num_tasks: int, drop: float = 0.0, seed: int = 0, **options) -> Recipe:
+    """The recipe of family member `name` with its options, plus DARE's drop."""
+    try:
+        return replace(RECIPES[name](num_tasks, **options), drop=drop, seed=seed)
+    except TypeError:
+        valid = [p for p in inspect.signature(RECIPES[name]).parameters if p != "num_tasks"]
+        unknown = sorted(set(options) - set(valid))
+        raise ValueError(f"{name} has no option {unknown[0]!r}; its options: {', '.join(valid) or 'none'}") from None
+
+
 def _merge_family(name: str, pretrained: StateDict, finetuned: Sequence[StateDict], drop: float = 0.0,
                   seed: int = 0, **options) -> dict[str, Tensor]:
     """Validate, build the recipe of family member `name` (plus DARE's drop), merge."""
     with models_checked(pretrained, finetuned):
-        recipe = replace(RECIPES[name](len(finetuned), **options), drop=drop, seed=seed)
+        recipe = _member_recipe(name, len(finetuned), drop, seed, **options)
         return merge_validated(pretrained, finetuned, recipe).merged
+
+
+def _check_dare_base(base: str) -> None:
+    """Raise unless `base` is a family member DARE can drop before."""
+    get_method(base)
+    if base not in RECIPES:
+        raise ValueError(f"dare base must be one of {', '.join(sorted(RECIPES))}, got {base!r}")
+
+
+def family_recipe(method: str, num_tasks: int, **options) -> Recipe:
+    """The recipe the registered family method `method` (DARE included) merges with, given its options.
+
+    Args:
+        method: "simple_average", "task_arithmetic", "ties" or "dare".
+        num_tasks: T.
+        **options: the method's keyword options (e.g. lam=0.3; for DARE drop, seed, base and its options).
+    """
+    if method == "dare":
+        try:
+            bound = inspect.signature(dare).bind(None, None, **options)
+        except TypeError as e:
+            raise ValueError(f"dare: {e}") from None
+        bound.apply_defaults()
+        a = bound.arguments
+        _check_dare_base(a["base"])
+        return _member_recipe(a["base"], num_tasks, a["drop"], a["seed"], **a["base_kwargs"])
+    if method not in RECIPES:
+        raise ValueError(f"{method!r} is not in the task-arithmetic family ({', '.join([*sorted(RECIPES), 'dare'])})")
+    return _member_recipe(method, num_tasks, **options)
 
 
 @register("simple_average")
@@ -79,7 +119,5 @@ def dare(pretrained: StateDict, finetuned: Sequence[StateDict], drop: float = 0.
         seed: seeds the drop masks (the result is a pure function of the inputs and the seed).
         **base_kwargs: options of the base merger (e.g. lam, density).
     """
-    get_method(base)
-    if base not in RECIPES:
-        raise ValueError(f"dare base must be one of {', '.join(sorted(RECIPES))}, got {base!r}")
+    _check_dare_base(base)
     return _merge_family(base, pretrained, finetuned, drop=drop, seed=seed, **base_kwargs)

@@ -5,14 +5,14 @@ so the SVD of the r×r core gives the SVD of ΔW: never form the d_out×d_in mat
 """
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import ClassVar, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from .checks import check_choice, check_lora
 from .registry import register
-from .results import TaskExtras
+from .results import TaskExtras, recorded
 
 StateDict = Mapping[str, Tensor]
 LoraFactors = Mapping[str, tuple[Tensor, Tensor]]
@@ -37,6 +37,7 @@ def truncated(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
 class LoraTaskResult(TaskExtras):
     """A shared model plus, per task and matrix, rank-q factors (U_q, Σ_q, V_q) added to it."""
 
+    kind: ClassVar[str] = "lora"
     merged: dict[str, Tensor]
     factors: list[dict[str, tuple[Tensor, Tensor, Tensor]]]  # factors[t][name] = (U, S, V)
     rank: int
@@ -61,6 +62,25 @@ class LoraTaskResult(TaskExtras):
     def task_bytes(self, t: int) -> int:
         """Bytes of task t's factors."""
         return sum(U.nbytes + S.nbytes + V.nbytes for U, S, V in self.factors[t].values())
+
+    def stored_shared(self) -> dict[str, dict[str, Tensor]]:
+        """The shared files: {file stem: tensors}."""
+        return {"shared": self.merged}
+
+    def stored_task(self, t: int) -> dict[str, Tensor]:
+        """The tensors of task t's file: `{name}::U`, `::S`, `::V` per adapted matrix."""
+        return {f"{name}::{part}": x for name, usv in self.factors[t].items() for part, x in zip("USV", usv)}
+
+    def stored_info(self) -> dict:
+        """What the manifest records besides tensors: the rank q and the adapted matrices, in order."""
+        return {"rank": self.rank, "adapted": list(self.factors[0]) if self.factors else []}
+
+    @classmethod
+    def from_stored(cls, shared: dict, tasks: list[dict], manifest: dict) -> "LoraTaskResult":
+        """The result from its files' tensors and manifest (inverse of the `stored_*` methods)."""
+        factors = [{name: tuple(task[f"{name}::{part}"] for part in "USV") for name in manifest["adapted"]}
+                   for task in tasks]
+        return cls(shared["shared"], factors, manifest["rank"])
 
 
 def _merged_delta(lora: Sequence[LoraFactors], name: str, lam: float) -> tuple[Tensor, Tensor]:
@@ -104,4 +124,4 @@ def byom_lora(pretrained: StateDict, lora: Sequence[LoraFactors], rank: int = 4,
                 B, A = torch.cat([B, -B_sum], dim=1), torch.cat([A, A_sum], dim=0)
             U, S, V = truncated(B, A, rank)
             factors[t][name] = (U.to(weight.dtype), S.to(weight.dtype), V.to(weight.dtype))
-    return LoraTaskResult(merged, factors, rank)
+    return recorded(LoraTaskResult(merged, factors, rank), "byom_lora", rank=rank, base=base, lam=lam)

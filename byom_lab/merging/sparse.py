@@ -6,16 +6,17 @@ compression step applied to a different anchor; only the order of "merge" and "p
 Kept entries are stored as flat indices + the fine-tuned values there (θ* + u_t = θ_t at a kept
 entry), so density 1 restores every θ_t bit for bit.
 """
+import functools
 from dataclasses import dataclass
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, ClassVar, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from .checks import check_choice, check_density, models_checked
 from .general import Recipe, vector_source
-from .registry import get_method, method_inputs, register
-from .results import TaskExtras
+from .registry import get_method, method_inputs, method_name, register
+from .results import TaskExtras, recorded
 from .select import SCOPES, fused_top, num_kept, top_positions
 
 StateDict = Mapping[str, Tensor]
@@ -28,10 +29,26 @@ class SparseEntries(NamedTuple):
     values: Tensor
 
 
+def pack_entries(entries: Mapping[str, SparseEntries]) -> dict[str, Tensor]:
+    """One task's entries as the tensors of its file: `{key}::indices` and `{key}::values`."""
+    return {f"{key}::{part}": tensor for key, e in entries.items() for part, tensor in e._asdict().items()}
+
+
+def unpack_entries(tensors: Mapping[str, Tensor], keys: Sequence[str]) -> dict[str, SparseEntries]:
+    """Inverse of `pack_entries`, in the order of `keys`."""
+    return {key: SparseEntries(tensors[f"{key}::indices"], tensors[f"{key}::values"]) for key in keys}
+
+
+def entries_nbytes(entries: Mapping[str, SparseEntries]) -> int:
+    """Bytes of the indices and values of one task's entries."""
+    return sum(e.indices.nbytes + e.values.nbytes for e in entries.values())
+
+
 @dataclass
 class SparseTaskResult(TaskExtras):
     """A shared model plus, per task, a sparse set of entries replaced by the task's own values."""
 
+    kind: ClassVar[str] = "sparse"
     merged: dict[str, Tensor]
     entries: list[dict[str, SparseEntries]]  # entries[t][key]
     density: list[float]  # realised fraction of entries kept, per task
@@ -58,10 +75,28 @@ class SparseTaskResult(TaskExtras):
 
     def task_bytes(self, t: int) -> int:
         """Bytes of task t's indices and values."""
-        return sum(e.indices.nbytes + e.values.nbytes for e in self.entries[t].values())
+        return entries_nbytes(self.entries[t])
+
+    def stored_shared(self) -> dict[str, dict[str, Tensor]]:
+        """The shared files: {file stem: tensors}."""
+        return {"shared": self.merged}
+
+    def stored_task(self, t: int) -> dict[str, Tensor]:
+        """The tensors of task t's file: int32 indices and values per key."""
+        return pack_entries(self.entries[t])
+
+    def stored_info(self) -> dict:
+        """What the manifest records besides tensors: the realised densities."""
+        return {"density": list(self.density)}
+
+    @classmethod
+    def from_stored(cls, shared: dict, tasks: list[dict], manifest: dict) -> "SparseTaskResult":
+        """The result from its files' tensors and manifest (inverse of the `stored_*` methods)."""
+        keys = manifest["keys"]
+        return cls(shared["shared"], [unpack_entries(task, keys) for task in tasks], list(manifest["density"]))
 
 
-def _entries(model: Tensor, positions: Tensor) -> SparseEntries:
+def entries_at(model: Tensor, positions: Tensor) -> SparseEntries:
     """The model's values at `positions` (flat, ascending), indices stored as int32 when they fit."""
     values = model.reshape(-1).index_select(0, positions.to(model.device))
     return SparseEntries(positions.int() if model.numel() < 2**31 else positions, values)
@@ -75,7 +110,7 @@ def _task_entries(keys: Sequence[str], anchor: StateDict, model: Callable[[str],
     _, kept, positions = top_positions(source, k, sum(sizes))
     offsets = torch.tensor([0] + sizes, dtype=torch.int64, device=positions.device).cumsum(0)
     bounds = torch.searchsorted(positions, offsets).tolist()  # positions are ascending
-    out = {key: _entries(model(key), positions[bounds[i] : bounds[i + 1]] - offsets[i])
+    out = {key: entries_at(model(key), positions[bounds[i] : bounds[i + 1]] - offsets[i])
            for i, key in enumerate(keys)}
     return out, kept
 
@@ -86,7 +121,7 @@ def _tasks_entries(keys: Sequence[str], anchor: StateDict, finetuned: Sequence[S
     total = sum(anchor[key].numel() for key in keys)
     if total == 0:
         empty = torch.zeros(0, dtype=torch.int64)
-        return [({key: _entries(model[key], empty) for key in keys}, 0) for model in finetuned]
+        return [({key: entries_at(model[key], empty) for key in keys}, 0) for model in finetuned]
     k = num_kept(recipe.density, total)
     found = fused_top([anchor[key] for key in keys], [[model[key] for key in keys] for model in finetuned], k, total,
                       positions=True)
@@ -123,6 +158,17 @@ def merge_step(base: str | Callable, pretrained: StateDict, finetuned: Sequence[
     return merged.merged if hasattr(merged, "merged") else merged
 
 
+def describe_base(base: str | Callable, base_kwargs: Mapping) -> tuple[str, dict]:
+    """(name, options) of a base merger given as a name or a functools.partial of a registered one, plus kwargs."""
+    options = dict(base_kwargs)
+    if isinstance(base, functools.partial):
+        options = {**base.keywords, **options}
+        base = base.func
+    if callable(base):
+        base = method_name(base) or getattr(base, "__name__", type(base).__name__)
+    return base, options
+
+
 @register("byom_fft")
 def byom_fft(pretrained: StateDict, finetuned: Sequence[StateDict], density: float = 0.1,
              base: str | Callable = "task_arithmetic", scope: str = "global", **base_kwargs) -> SparseTaskResult:
@@ -144,7 +190,9 @@ def byom_fft(pretrained: StateDict, finetuned: Sequence[StateDict], density: flo
     check_density(density)
     check_choice(scope, "scope", SCOPES)
     merged = merge_step(base, pretrained, finetuned, **base_kwargs)
-    return compress(merged, finetuned, density, scope)
+    name, options = describe_base(base, base_kwargs)
+    return recorded(compress(merged, finetuned, density, scope), "byom_fft", density=density, scope=scope,
+                    base=name, base_options=options)
 
 
 @register("post_pruning")
@@ -166,4 +214,4 @@ def post_pruning(pretrained: StateDict, finetuned: Sequence[StateDict], density:
     with models_checked(pretrained, finetuned):
         result = compress(pretrained, finetuned, density, scope)
     result.merged = {k: v.clone() for k, v in result.merged.items()}  # θ0 itself is the caller's
-    return result
+    return recorded(result, "post_pruning", density=density, scope=scope)

@@ -162,12 +162,21 @@ def hf_vision_config(visual, quick_gelu: bool) -> dict:
             "layer_norm_eps": 1e-5}
 
 
-def save_hf_folder(state: dict, folder, config: dict) -> Path:
+def hf_tower_state(state: dict, projection: bool = True, prefix: str = "vision_model.") -> dict:
+    """open_clip_to_hf, with or without `visual_projection.weight` and with `prefix` on the vision keys
+    ("" as transformers 5 saves a CLIPVisionModel)."""
+    hf = open_clip_to_hf(state)
+    if not projection:
+        hf.pop("visual_projection.weight", None)
+    return {prefix + k.removeprefix("vision_model.") if k.startswith("vision_model.") else k: v for k, v in hf.items()}
+
+
+def save_hf_folder(state: dict, folder, config: dict, projection: bool = True, prefix: str = "vision_model.") -> Path:
     """Write open_clip image-tower weights as a HF CLIP vision folder (config.json + model.safetensors)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(open_clip_to_hf(state), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(hf_tower_state(state, projection, prefix), str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
 
 
@@ -195,6 +204,11 @@ def check_state_dict(state: dict, reference: dict, what: str) -> None:
                              f"the model expects {tuple(reference[k].shape)}")
 
 
+def tower_prefix(keys) -> str:
+    """The open_clip prefix of the image-tower keys among `keys` (`visual.`, `model.visual.`, ...), or ""."""
+    return next((p for p in TOWER_PREFIXES if any(k.startswith(p) for k in keys)), "")
+
+
 def image_tower(state: dict, reference: dict = None, what: str = "checkpoint") -> dict:
     """Image-tower tensors of a full or partial CLIP state dict, checked against `reference` if given."""
     if is_hf_state_dict(state):
@@ -202,7 +216,7 @@ def image_tower(state: dict, reference: dict = None, what: str = "checkpoint") -
         if "proj" not in state and reference is not None and "proj" in reference:
             state["proj"] = reference["proj"].clone()  # CLIPVisionModel has no projection: it stays frozen
     else:
-        prefix = next((p for p in TOWER_PREFIXES if any(k.startswith(p) for k in state)), "")
+        prefix = tower_prefix(state)
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if reference is not None:
         check_state_dict(state, reference, what)

@@ -27,11 +27,15 @@ def _row(suite, label, models, split, extra_params=0, **hyper):
 
 
 def headline_table(suite, split: str = "test", densities=DENSITIES, lambda_grid=LAMBDA_GRID,
-                   ties_densities=TIES_DENSITIES, ties_grid=TIES_LAMBDA_GRID, ranks=None) -> pd.DataFrame:
+                   ties_densities=TIES_DENSITIES, ties_grid=TIES_LAMBDA_GRID, ranks=None,
+                   data_methods: bool = False) -> pd.DataFrame:
     """The paper's main table for a suite: one row per method, accuracy per task, averages, storage.
 
     Hyperparameters (λ of task arithmetic and of the BYOM-FFT base, TIES density and λ) are chosen on
-    the validation split; each row says which it used.
+    the validation split; each row says which it used. `data_methods=True` adds the methods that use
+    data (Fisher, RegMean, TALL masks, Consensus, AdaMerging, Model Tinting) and, for every row, the
+    data it used, its optimisation steps, its seconds and its accuracy on a held-out half of the test
+    split (byom_lab.adaptation.report); slow the first time, cached afterwards.
     """
     n_params = sum(v.numel() for v in suite.pretrained.values())
     pre, fts = suite.pretrained, suite.finetuned
@@ -67,4 +71,9 @@ def headline_table(suite, split: str = "test", densities=DENSITIES, lambda_grid=
     for q in ranks:
         result = merging.byom_lora(pre, suite.lora, rank=q)
         rows.append(_row(suite, f"BYOM-LoRA q={q}", result, split, result.num_params()))
-    return pd.DataFrame(rows).set_index("method")
+    table = pd.DataFrame(rows).set_index("method")
+    if data_methods:
+        from .adaptation.report import add_data_methods
+
+        table = add_data_methods(suite, table, split)
+    return table

@@ -9,7 +9,9 @@ from safetensors.torch import load_file, save_file
 from byom_lab import merging as M
 from byom_lab.merging.select import chunks
 
-METHODS = ["byom_fft", "byom_lora", "dare", "emr", "post_pruning", "simple_average", "task_arithmetic", "ties"]
+METHODS = ["byom_fft", "byom_lora", "consensus", "dare", "emr", "fisher", "post_pruning", "regmean", "simple_average",
+           "tall_masks", "task_arithmetic", "ties"]
+TEST_TIME = ["adamerging", "adamerging_plus", "tinting", "tinting_plus"]
 
 
 @pytest.fixture(autouse=True)
@@ -50,8 +52,13 @@ def ties_reference(pre, fts, density, lam, scope, merge):
 
 
 def test_registry_lists_every_method():
-    assert M.list_methods() == METHODS
-    assert all(callable(M.get_method(name)) for name in METHODS)
+    import byom_lab as bl
+
+    assert set(M.list_methods()) >= set(METHODS)
+    assert bl.list_methods() == sorted(METHODS + TEST_TIME)  # the package-level list loads the test-time methods too
+    assert M.list_methods() == bl.list_methods()
+    assert all(callable(M.get_method(name)) for name in METHODS + TEST_TIME)
+    assert bl.list_methods("test images") == TEST_TIME and M.list_methods(("statistics",)) == ["fisher", "regmean"]
 
 
 def test_unknown_method_names_the_valid_ones():

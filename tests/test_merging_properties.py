@@ -23,7 +23,10 @@ IDENTITY = {
     "post_pruning": lambda T: {"density": 1.0},
     "emr": lambda T: {},
     "byom_lora": lambda T: {},  # rank = r, filled in below
+    "tall_masks": lambda T: {"lams": 0.0, "alpha": 1 / T},  # every mask all ones: θ0 + τ/T
+    "consensus": lambda T: {"lams": 0.0, "lam": 1 / T, "k": 1},  # k = 2 would drop everything when T = 1
 }
+DATA_FREE = ("finetuned", "lora")  # Fisher and RegMean need statistics of images: tests/test_data_methods.py
 
 
 @pytest.fixture(autouse=True)
@@ -84,7 +87,7 @@ def assert_same(a, b):
 
 
 def test_every_registered_method_has_an_identity_case():
-    assert set(IDENTITY) == set(M.list_methods())
+    assert set(IDENTITY) == set(M.list_methods(DATA_FREE))
 
 
 @SETTINGS
@@ -97,7 +100,7 @@ def test_merging_copies_of_one_model_returns_it(data, num_tasks, r):
     pre2 = {**pre, matrix: pre[matrix].reshape(pre[matrix].shape[0], -1)}
     lora_one = {matrix: (torch.randn(pre2[matrix].shape[0], r, generator=gen),
                          torch.randn(r, pre2[matrix].shape[1], generator=gen))}
-    for name in M.list_methods():
+    for name in M.list_methods(DATA_FREE):
         kwargs = IDENTITY[name](num_tasks)
         if name == "byom_lora":
             for base in ("pretrained", "merged"):
@@ -281,7 +284,7 @@ def test_no_method_modifies_its_inputs(data, r):
     fts = [{**ft, matrix: ft[matrix].reshape(pre[matrix].shape)} for ft in fts]
     lora = [{matrix: (torch.randn(pre[matrix].shape[0], r), torch.randn(r, pre[matrix].shape[1]))} for _ in fts]
     before = snapshot((pre, fts, lora))
-    for name in M.list_methods():
+    for name in M.list_methods(DATA_FREE):
         if name == "byom_lora":
             for base in ("pretrained", "merged"):
                 res = M.byom_lora(pre, lora, rank=r, base=base)

@@ -284,3 +284,21 @@ def test_fast_paths_equal_the_textbook(path, calls, shapes, num_tasks, density, 
         assert_dicts_close(pruned.task_state_dict(t), pruned_tb[t])
         assert_dicts_close(fft.task_state_dict(t), fft_tb[t])
     assert_ran(path, calls, selected=False)  # the fused selection needs 32+ entries and density < 1
+
+
+def test_key_order_of_the_finetuned_dicts_does_not_matter():
+    """Checkpoints read from files list keys in another order than θ0: entry i must stay the same weight."""
+    g = torch.Generator().manual_seed(3)
+    pre = {"b": torch.randn(5, generator=g), "a": torch.randn(3, 4, generator=g), "c": torch.randn(2, generator=g)}
+    fts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(3)]
+    shuffled = [dict(sorted(ft.items())) for ft in fts]  # a, b, c: not θ0's order
+    assert list(shuffled[0]) != list(pre)
+    for fn in (tb.task_arithmetic, tb.simple_average, tb.ties):
+        want, got = fn(pre, fts), fn(pre, shuffled)
+        assert all(torch.equal(want[k], got[k]) for k in pre)
+    _, want = tb.byom_fft(pre, fts, density=0.2)
+    _, got = tb.byom_fft(pre, shuffled, density=0.2)
+    assert all(torch.equal(w[k], x[k]) for w, x in zip(want, got) for k in pre)
+    assert all(torch.equal(w[k], x[k]) for w, x in zip(tb.emr(pre, fts), tb.emr(pre, shuffled)) for k in pre)
+    assert all(torch.equal(w[k], x[k]) for w, x in zip(tb.post_pruning(pre, fts, 0.2), tb.post_pruning(pre, shuffled, 0.2))
+               for k in pre)

@@ -17,9 +17,14 @@ from torch import Tensor
 StateDict = Mapping[str, Tensor]
 
 
-def flatten(state_dict: StateDict) -> Tensor:
-    """All entries of a state dict as one 1-D vector, tensors in the dict's key order."""
-    return torch.cat([t.reshape(-1) for t in state_dict.values()])  # (N,)
+def flatten(state_dict: StateDict, like: StateDict | None = None) -> Tensor:
+    """All entries of a state dict as one 1-D vector, tensors in the key order of `like` (default: its own).
+
+    Models read from different files may list their keys in different orders; flattening every one
+    in θ0's order keeps entry i the same weight in every vector.
+    """
+    keys = (like if like is not None else state_dict).keys()
+    return torch.cat([state_dict[k].reshape(-1) for k in keys])  # (N,)
 
 
 def unflatten(vector: Tensor, like: StateDict) -> dict[str, Tensor]:
@@ -31,7 +36,7 @@ def unflatten(vector: Tensor, like: StateDict) -> dict[str, Tensor]:
 def _flat_vectors(pretrained: StateDict, finetuned: Sequence[StateDict]) -> tuple[Tensor, Tensor]:
     """θ0 as a vector (N,) and the task vectors v_t = θ_t − θ0 stacked (T, N)."""
     theta0 = flatten(pretrained)  # (N,)
-    return theta0, torch.stack([flatten(ft) for ft in finetuned]) - theta0  # (T, N)
+    return theta0, torch.stack([flatten(ft, like=pretrained) for ft in finetuned]) - theta0  # (T, N)
 
 
 def task_vectors(pretrained: StateDict, finetuned: Sequence[StateDict]) -> list[dict[str, Tensor]]:
@@ -125,7 +130,7 @@ def byom_fft(pretrained: StateDict, finetuned: Sequence[StateDict], density: flo
     """
     merged = task_arithmetic(pretrained, finetuned, lam)  # θ*
     theta_star = flatten(merged)  # (N,)
-    u = torch.stack([flatten(ft) for ft in finetuned]) - theta_star  # (T, N)
+    u = torch.stack([flatten(ft, like=pretrained) for ft in finetuned]) - theta_star  # (T, N)
     return merged, [unflatten(theta_star + top(u_t, density), pretrained) for u_t in u]
 
 

@@ -10,6 +10,15 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count(
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tmp_home(tmp_path, monkeypatch):
     """A fresh, empty BYOM_LAB_HOME."""
     home = tmp_path / "home"

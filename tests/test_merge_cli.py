@@ -11,12 +11,7 @@ from byom_lab.merging.registry import method_inputs
 from byom_lab.paper import checkpoints as pc
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # merging results are compared bit for bit
 
 
 def make_models(num_tasks=3, seed=0):

@@ -11,12 +11,7 @@ from byom_lab import merging as M
 from byom_lab.merging import storage
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # merging results are compared bit for bit
 
 
 SHAPES = {"w": (6, 5), "b": (7,), "conv": (2, 3, 2, 2)}

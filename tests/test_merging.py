@@ -14,12 +14,7 @@ METHODS = ["byom_fft", "byom_lora", "consensus", "dare", "emr", "fisher", "post_
 TEST_TIME = ["adamerging", "adamerging_plus", "tinting", "tinting_plus"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # merging results are compared bit for bit
 
 
 def make_models(num_tasks=3, seed=0, dtype=torch.float32):

@@ -29,12 +29,7 @@ IDENTITY = {
 DATA_FREE = ("finetuned", "lora")  # Fisher and RegMean need statistics of images: tests/test_data_methods.py
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # merging results are compared bit for bit
 
 
 shapes = st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple), min_size=1, max_size=3)

@@ -121,7 +121,7 @@ def test_magnitude_histogram_counts_every_entry_once(models):
 def test_layers_and_kinds_of_tensor_names():
     assert R.layer_of("transformer.resblocks.11.mlp.c_fc.weight") == "block 11"
     assert R.layer_of("proj") == R.layer_of("ln_post.bias") == "head"
-    assert R.layer_of("conv1.weight") == R.layer_of("ln_pre.weight") == "stem"
+    assert R.layer_of("conv1.weight") == R.layer_of("ln_pre.weight") == "embedding"
     assert R.tensor_kind("transformer.resblocks.0.ln_2.weight") == "LayerNorm gain"
     assert R.tensor_kind("ln_pre.bias") == "LayerNorm bias"
     assert R.tensor_kind("transformer.resblocks.3.attn.out_proj.bias") == "attention bias"
@@ -191,5 +191,5 @@ def test_figures_draw_both_residuals(models):
             (("u", merging.byom_fft(pre, fts, density=0.1, lam=0.5)), ("v", merging.post_pruning(pre, fts, density=0.1)))]
     fig = plots.kept_by_layer(pd.concat(kept))
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
-    assert labels == ["stem", "block 0", "block 1", "head"]
+    assert labels == ["embedding", "block 0", "block 1", "head"]
     matplotlib.pyplot.close("all")

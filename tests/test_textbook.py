@@ -21,12 +21,7 @@ SHAPES = {"attn.weight": (24, 16), "attn.bias": (24,), "conv.weight": (4, 3, 2, 
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # merging results are compared bit for bit
 
 
 @pytest.fixture

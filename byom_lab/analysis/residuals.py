@@ -8,7 +8,7 @@ u_t = v_t − d with d = θ* − θ0 the merged direction, everything here follo
 - `pruning_curves`: per m, the energy share ‖top(x, m)‖² / ‖x‖², the error ‖x − top(x, m)‖ / ‖v_t‖ and the
   progress of the rebuilt model along v_t;
 - `magnitude_histogram`: how |v_t| and |u_t| are distributed;
-- `kept_by_tensor`: where a sparse result's kept entries live, tensor by tensor (`layer_of`, `tensor_kind`);
+- `kept_by_tensor`: where a sparse result's kept entries live, tensor by tensor (`anatomy.layer_of`, `tensor_kind`);
 - `agreement_by_kind`: per kind of tensor, how much the task vectors agree and where the energy sits;
 - `tie_check`: whether ties at the threshold explain where textbook and fast results differ;
 - `storage`: bytes of m% entries (int32 index + float32 value) against T full models.
@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..merging.select import num_kept
 from ..merging.textbook import flatten
+from .anatomy import layer_of
 
 StateDict = Mapping[str, Tensor]
 INDEX_BYTES, VALUE_BYTES = 4, 4  # a kept entry: int32 flat index + float32 value
@@ -126,14 +127,6 @@ def tie_check(models: Sequence[StateDict], result, tol: float = 1e-5) -> pd.Data
         extra = result.task_params(t) - k
         rows.append({"task": t, "differing": differing, "extra_kept": extra, "explained": differing <= extra})
     return pd.DataFrame(rows)
-
-
-def layer_of(key: str) -> str:
-    """The layer a tensor belongs to: "block 3" for transformer.resblocks.3.*, "head" after the blocks, else "stem"."""
-    found = re.search(r"resblocks\.(\d+)\.", key)
-    if found:
-        return f"block {found.group(1)}"
-    return "head" if key.startswith(("ln_post", "proj")) else "stem"
 
 
 def tensor_kind(key: str) -> str:

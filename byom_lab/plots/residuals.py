@@ -6,9 +6,10 @@ match `accuracy_vs_m`: BYOM-FFT (u) is C0, post-pruning (v) is C1.
 import matplotlib.pyplot as plt
 import seaborn as sns
 
+from ..analysis.anatomy import layer_order
+
 RESIDUAL_LABELS = {"u": "BYOM-FFT: u_t = θ_t − θ*", "v": "post-pruning: v_t = θ_t − θ0"}
 RESIDUAL_COLORS = {"u": "C0", "v": "C1"}
-LAYER_ORDER = ["stem", *(f"block {i}" for i in range(64)), "head"]
 
 
 def _labelled(df):
@@ -116,7 +117,7 @@ def kept_by_layer(kept):
     for ax, by in ((left, "layer"), (right, "kind")):
         sums = data.groupby(["residual", by], as_index=False, sort=False)[["kept", "numel"]].sum()
         sums["kept (%)"] = 100 * sums["kept"] / sums["numel"]
-        order = [x for x in LAYER_ORDER if x in set(sums[by])] if by == "layer" else list(dict.fromkeys(sums[by]))
+        order = layer_order(sums[by]) if by == "layer" else list(dict.fromkeys(sums[by]))
         sns.barplot(data=sums, x=by, y="kept (%)", hue="residual", palette=_palette(), order=order, ax=ax,
                     legend=ax is right)
         ax.set_yscale("log")

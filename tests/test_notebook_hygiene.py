@@ -73,7 +73,7 @@ def test_notebook_has_the_anatomy_of_a_lesson(path):
     assert re.search(r"(?im)^#+.*(summary|what we (saw|learned)|recap)", md) and re.search(r"(?im)^#+.*references", md)
     cells = nb["cells"]
     heads = [i for i, c in enumerate(cells) if c["cell_type"] == "markdown"
-             and re.match(r"#+\s*exercise", nbclean.source(c).strip(), re.I)]
+             and re.search(r"(?im)^#+\s*exercise\s+\d", nbclean.source(c))]  # "### Exercise 3 · ..."
     assert 4 <= len(heads) <= 6, f"{path.name}: {len(heads)} exercises"
     for i in heads:  # each exercise: a hidden worked solution, then a visible cell that asserts the answer
         following = cells[i + 1:i + 4]

@@ -25,9 +25,9 @@ from torch import Tensor
 from ..merging.select import num_kept
 from ..merging.textbook import flatten
 from .anatomy import layer_of
+from .storage import INDEX_BYTES, VALUE_BYTES
 
 StateDict = Mapping[str, Tensor]
-INDEX_BYTES, VALUE_BYTES = 4, 4  # a kept entry: int32 flat index + float32 value
 
 
 def flat_residuals(pretrained: StateDict, finetuned: Sequence[StateDict], merged: StateDict) -> dict[str, Tensor]:

@@ -16,6 +16,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from ..merging.select import num_kept
+
 INDEX_BYTES = 4  # int32 flat index of a kept entry
 VALUE_BYTES = 4  # float32 value (parameter, kept entry, singular vector entry, scale)
 
@@ -39,7 +41,7 @@ def storage_formulas(n_params: int, num_tasks: int, densities: Sequence[float] =
     rows = [("individual fine-tuned (full)", "T·N", N, value_bytes * N, 0),
             ("task arithmetic", "N", 0, 0, value_bytes * N)]
     for d in densities:
-        k = max(1, round(d * N))
+        k = num_kept(d, N)
         for name in ("post-pruning", "BYOM-FFT"):
             rows.append((f"{name} m={100 * d:g}%", "N + T·mN·(index + value)", k, (index_bytes + value_bytes) * k,
                          value_bytes * N))

@@ -53,9 +53,7 @@ def task_confusions(suite, confusions: dict, captioned=None, split: str = "test"
 
 def accuracy_by_task(table, hue: str = "model", title: str = "Accuracy per task", ax=None):
     """Grouped bars: accuracy (column `accuracy`, fractions) per task, one colour per value of `hue`."""
-    fig, ax = figure(ax)
-    if ax.figure.get_figwidth() < 9:
-        fig.set_size_inches(10, 3.5)
+    fig, ax = figure(ax, size=(10, 3.5))
     sns.barplot(data=table, x="task", y="accuracy", hue=hue, ax=ax)
     ax.tick_params(axis="x", rotation=25, labelsize=8)
     for label in ax.get_xticklabels():
@@ -90,9 +88,7 @@ def captioned_vs_codeword(class_acc, ax=None):
 
 def drift_by_layer(drift, ax=None):
     """Relative change ‖θ_t − θ0‖ / ‖θ0‖ of each layer (network order), one line per task."""
-    fig, ax = figure(ax)
-    if ax.figure.get_figwidth() < 7:
-        fig.set_size_inches(8, 3.8)
+    fig, ax = figure(ax, size=(8, 3.8))
     order = list(dict.fromkeys(drift["layer"]))
     sns.lineplot(data=drift, x="layer", y="relative", hue="task", marker="o", sort=False, ax=ax)
     ax.set_xticks(range(len(order)), order, rotation=25, ha="right", fontsize=8)

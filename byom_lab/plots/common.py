@@ -22,11 +22,11 @@ def percent(value: float) -> str:
     return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
 
 
-def figure(ax):
-    """(figure, axes): a new 6×4 figure, or the figure of the given axes."""
+def figure(ax, size=(6, 4)):
+    """(figure, axes): a new figure of `size` inches, or the given axes and their figure, left as they are."""
     if ax is not None:
         return ax.figure, ax
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=size)
     return fig, ax
 
 

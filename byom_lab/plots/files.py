@@ -20,9 +20,7 @@ def where_bytes_go(parts, title: str = "Where the bytes go", ax=None):
     `parts` is tidy (store, part, bytes), as `analysis.files.where_bytes_go` returns; bars keep its store order,
     segments follow PART_ORDER, and each bar ends with its total.
     """
-    fig, ax = figure(ax)
-    if fig.get_figwidth() < 9:
-        fig.set_size_inches(10, 0.6 * parts["store"].nunique() + 1.6)
+    fig, ax = figure(ax, size=(10, 0.6 * parts["store"].nunique() + 1.6))
     stores = list(dict.fromkeys(parts["store"]))
     table = parts.pivot_table(index="store", columns="part", values="bytes", aggfunc="sum", fill_value=0)
     table = table.reindex(index=stores, columns=[p for p in PART_ORDER if p in table.columns]

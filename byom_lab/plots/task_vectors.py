@@ -30,9 +30,7 @@ def norms_and_sum(norms, partial):
 
 def lambda_per_task(sweep, chosen=None, value: str = "normalized_accuracy", ax=None):
     """Each task's accuracy against λ (thin lines, its best λ starred), the mean (thick), the chosen λ (dashed)."""
-    fig, ax = figure(ax)
-    if ax.figure.get_figwidth() < 7:
-        fig.set_size_inches(8, 4)
+    fig, ax = figure(ax, size=(8, 4))
     for i, (task, g) in enumerate(sweep.groupby("task", sort=False)):
         g = g.sort_values("lam")
         ax.plot(g["lam"], g[value], lw=1.2, color=f"C{i % 10}", label=task)
@@ -52,9 +50,7 @@ def lambda_per_task(sweep, chosen=None, value: str = "normalized_accuracy", ax=N
 
 def interference_heatmap(interference, ax=None):
     """Change of task t's accuracy (rows) when task s's vector (columns) is added to θ0 + λ v_t, in points."""
-    fig, ax = figure(ax)
-    if ax.figure.get_figwidth() < 6.5:
-        fig.set_size_inches(6.5, 5)
+    fig, ax = figure(ax, size=(6.5, 5))
     order = list(dict.fromkeys(interference["task"]))
     grid = interference.pivot(index="task", columns="other", values="change").reindex(index=order, columns=order)
     points = (100 * grid).round(0) + 0.0  # + 0.0 turns -0 into 0

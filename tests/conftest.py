@@ -30,21 +30,55 @@ QUICK = dict(tasks=["textures", "signs"], max_train=96)
 
 
 @pytest.fixture(scope="session")
-def reduced(tmp_path_factory):
-    """A reduced tiny suite (2 tasks, 96 training images, 1 epoch) built cold in its own cache, with build time."""
+def session_home(tmp_path_factory):
+    """The BYOM_LAB_HOME of this test session, so that no test reads or writes the user's cache."""
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(session_home, monkeypatch):
+    """Every test runs with BYOM_LAB_HOME at the session's home, restored afterwards.
+
+    Set per test, never for the whole session: the notebook kernels that nbval starts later in
+    the same run inherit the environment, and must see the real (built) cache.
+    """
+    monkeypatch.setenv("BYOM_LAB_HOME", str(session_home))
+
+
+@pytest.fixture(scope="session")
+def reduced(session_home):
+    """A reduced tiny suite (2 tasks, 96 training images, 1 epoch) built cold in the session's home, with build time."""
     import time
 
     import byom_lab as bl
     from byom_lab.finetune import FinetuneConfig
 
-    old = os.environ.get("BYOM_LAB_HOME")
-    os.environ["BYOM_LAB_HOME"] = str(tmp_path_factory.mktemp("home"))
-    start = time.time()
+    old = os.environ.get("BYOM_LAB_HOME")  # a session fixture is set up before the per-test home
+    os.environ["BYOM_LAB_HOME"] = str(session_home)
     try:
+        start = time.time()
         suite = bl.load_suite("tiny", finetune=FinetuneConfig(epochs=1), **QUICK)
-        yield suite, time.time() - start
+        seconds = time.time() - start
     finally:
         if old is None:
             del os.environ["BYOM_LAB_HOME"]
         else:
             os.environ["BYOM_LAB_HOME"] = old
+    return suite, seconds
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Count the calls of the fused merge and selection kernels (byom_lab.merging.native) during a test."""
+    from byom_lab.merging import native
+
+    counts = {"merge": 0, "select": 0}
+    for name in counts:
+        original = getattr(native, name)
+
+        def spy(*a, _name=name, _original=original, **k):
+            counts[_name] += 1
+            return _original(*a, **k)
+
+        monkeypatch.setattr(native, name, spy)
+    return counts

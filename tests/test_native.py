@@ -62,47 +62,31 @@ def eager(call, *args, monkeypatch):
         return call(*args)
 
 
-def counting(monkeypatch):
-    """Count the calls of the fused merge and selection."""
-    calls = {"merge": 0, "select": 0}
-    for name in calls:
-        original = getattr(native, name)
-
-        def spy(*a, _name=name, _original=original, **k):
-            calls[_name] += 1
-            return _original(*a, **k)
-
-        monkeypatch.setattr(native, name, spy)
-    return calls
-
-
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("name", sorted(CALLS))
-def test_fused_kernels_give_the_eager_bits(name, threads, monkeypatch):
+def test_fused_kernels_give_the_eager_bits(name, threads, monkeypatch, kernel_calls):
     pre, fts = make_models()
     before = [{k: v.clone() for k, v in ft.items()} for ft in fts]
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        calls = counting(monkeypatch)
         fused = CALLS[name](pre, fts)
     finally:
         torch.set_num_threads(old)
-    assert calls["merge"] + calls["select"] > 0  # the fused path was taken
-    assert calls["select"] > 0 or name in ("task_arithmetic", "simple_average")  # so was the selection
+    assert kernel_calls["merge"] + kernel_calls["select"] > 0  # the fused path was taken
+    assert kernel_calls["select"] > 0 or name in ("task_arithmetic", "simple_average")  # so was the selection
     assert_same(fused, eager(CALLS[name], pre, fts, monkeypatch=monkeypatch))
     assert all(torch.equal(ft[k], b[k]) for ft, b in zip(fts, before) for k in ft)  # inputs untouched
 
 
 @pytest.mark.parametrize("name", ["task_arithmetic", "ties_global_mean", "post_pruning", "byom_fft"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_a_non_finite_entry_is_named_on_the_fused_path(name, bad, monkeypatch):
+def test_a_non_finite_entry_is_named_on_the_fused_path(name, bad, monkeypatch, kernel_calls):
     pre, fts = make_models()
-    calls = counting(monkeypatch)
     fts[2]["mlp"][7, 3] = bad
     with pytest.raises(ValueError, match=r"finetuned\[2\] key 'mlp' contains NaN or Inf"):
         CALLS[name](pre, fts)
-    assert calls["merge"] + calls["select"] > 0
+    assert kernel_calls["merge"] + kernel_calls["select"] > 0
     pre, fts = make_models()
     pre["attn"][0, 0] = -bad
     with pytest.raises(ValueError, match=r"pretrained key 'attn' contains NaN or Inf"):

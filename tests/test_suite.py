@@ -1,3 +1,4 @@
+import os
 import time
 
 import pytest
@@ -30,6 +31,14 @@ def test_fine_tuning_moved_the_weights_and_helps(reduced):
     assert list(ft.columns) == ["task", "accuracy", "normalized_accuracy"]
     assert ft["normalized_accuracy"].tolist() == [1.0, 1.0]
     assert ft["accuracy"].mean() > zs["accuracy"].mean()
+
+
+def test_the_test_home_does_not_leak_into_the_session(reduced, session_home, monkeypatch):
+    """Outside a test the environment is the user's: nbval's notebook kernels, started later in the run, must
+    find the built suite, not rebuild it in the tests' home."""
+    assert os.environ["BYOM_LAB_HOME"] == str(session_home)  # inside a test: the session's home
+    monkeypatch.undo()  # what the session itself holds between tests
+    assert os.environ.get("BYOM_LAB_HOME") != str(session_home)
 
 
 def test_second_load_hits_the_cache_and_is_identical(reduced):

@@ -24,23 +24,8 @@ SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[Healt
 pytestmark = pytest.mark.usefixtures("one_thread")  # merging results are compared bit for bit
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """Count the calls of the fused merge and selection kernels."""
-    counts = {"merge": 0, "select": 0}
-    for name in counts:
-        original = getattr(native, name)
-
-        def spy(*a, _name=name, _original=original, **k):
-            counts[_name] += 1
-            return _original(*a, **k)
-
-        monkeypatch.setattr(native, name, spy)
-    return counts
-
-
 @pytest.fixture(params=["fused", "eager"])
-def path(request, monkeypatch, calls):
+def path(request, monkeypatch, kernel_calls):
     """Run the fast functions on the fused C kernels, or on the eager torch path with the kernels off."""
     if request.param == "fused":
         if not native.available():
@@ -51,13 +36,13 @@ def path(request, monkeypatch, calls):
     return request.param
 
 
-def assert_ran(path, calls, selected=True):
+def assert_ran(path, kernel_calls, selected=True):
     """The fused kernels ran on the fused path (the selection too when `selected`), never on the eager one."""
     if path == "fused":
-        assert calls["merge"] + calls["select"] > 0
-        assert calls["select"] > 0 or not selected
+        assert kernel_calls["merge"] + kernel_calls["select"] > 0
+        assert kernel_calls["select"] > 0 or not selected
     else:
-        assert calls == {"merge": 0, "select": 0}
+        assert kernel_calls == {"merge": 0, "select": 0}
 
 
 def distinct(n, gen):
@@ -120,26 +105,26 @@ def test_task_vectors_match():
 
 
 @pytest.mark.parametrize("num_tasks", [2, 3, 5])
-def test_task_arithmetic_and_simple_average(num_tasks, path, calls):
+def test_task_arithmetic_and_simple_average(num_tasks, path, kernel_calls):
     pre, fts = make_models(num_tasks=num_tasks, seed=num_tasks)
     for lam in (0.3, 0.75):
         assert_dicts_close(M.task_arithmetic(pre, fts, lam=lam), tb.task_arithmetic(pre, fts, lam=lam))
     assert_dicts_close(M.simple_average(pre, fts), tb.simple_average(pre, fts))
-    assert_ran(path, calls, selected=False)
+    assert_ran(path, kernel_calls, selected=False)
 
 
 @pytest.mark.parametrize("merge", ["mean", "sum"])
 @pytest.mark.parametrize("num_tasks", [2, 3, 5])
-def test_ties_global(num_tasks, merge, path, calls):
+def test_ties_global(num_tasks, merge, path, kernel_calls):
     pre, fts = make_models(num_tasks=num_tasks, seed=10 + num_tasks)
     for density in [0.05, 0.2, *DENSITIES]:
         fast = M.ties(pre, fts, density=density, lam=0.9, scope="global", merge=merge)
         assert_dicts_close(fast, tb.ties(pre, fts, density=density, lam=0.9, merge=merge))
-    assert_ran(path, calls)
+    assert_ran(path, kernel_calls)
 
 
 @pytest.mark.parametrize("num_tasks", [2, 4])
-def test_post_pruning(num_tasks, path, calls):
+def test_post_pruning(num_tasks, path, kernel_calls):
     pre, fts = make_models(num_tasks=num_tasks, seed=20 + num_tasks)
     for density in DENSITIES:
         fast, plain = M.post_pruning(pre, fts, density=density), tb.post_pruning(pre, fts, density=density)
@@ -147,12 +132,12 @@ def test_post_pruning(num_tasks, path, calls):
         for t in range(num_tasks):
             assert_dicts_close(fast.task_state_dict(t), plain[t])
         assert fast.num_params() == max(1, round(density * tb.flatten(pre).numel()))
-    assert_ran(path, calls)
+    assert_ran(path, kernel_calls)
 
 
 @pytest.mark.parametrize("lam", [0.3, 0.8])
 @pytest.mark.parametrize("num_tasks", [2, 5])
-def test_byom_fft(num_tasks, lam, path, calls):
+def test_byom_fft(num_tasks, lam, path, kernel_calls):
     pre, fts = make_models(num_tasks=num_tasks, seed=30 + num_tasks)
     for density in DENSITIES:
         fast = M.byom_fft(pre, fts, density=density, lam=lam)
@@ -160,7 +145,7 @@ def test_byom_fft(num_tasks, lam, path, calls):
         assert_dicts_close(fast.merged, merged)
         for t in range(num_tasks):
             assert_dicts_close(fast.task_state_dict(t), per_task[t])
-    assert_ran(path, calls)
+    assert_ran(path, kernel_calls)
 
 
 @pytest.mark.parametrize("num_tasks", [2, 3, 5])
@@ -173,7 +158,7 @@ def test_emr(num_tasks):
         assert_dicts_close(fast.task_state_dict(t), plain[t], rtol=1e-5, atol=1e-6)
 
 
-def test_sign_conventions_at_a_zero_sum(path, calls):
+def test_sign_conventions_at_a_zero_sum(path, kernel_calls):
     """Where Σ v_t = 0 exactly, TIES elects +1 and EMR elects 0; a task whose EMR mask is empty keeps θ0."""
     pre = {"w": torch.ones(4, 8), "b": torch.zeros(4)}
     up = {"w": torch.full((4, 8), 1.5), "b": torch.zeros(4)}  # v = +0.5 on w, 0 on b
@@ -183,7 +168,7 @@ def test_sign_conventions_at_a_zero_sum(path, calls):
         assert_dicts_close(fast, tb.ties(pre, [up, down], density=1.0, lam=0.8, merge=merge))
         assert_close(fast["w"], torch.full((4, 8), 1 + 0.8 * 0.5))
         assert torch.equal(fast["b"], pre["b"])
-    assert_ran(path, calls, selected=False)
+    assert_ran(path, kernel_calls, selected=False)
     double_down = {"w": torch.full((4, 8), 0.0), "b": torch.zeros(4)}  # v = −1: γ = −1, task "up" is masked out
     for fts in ([up, down], [up, double_down], [pre, up]):
         fast, plain = M.emr(pre, fts), tb.emr(pre, fts)
@@ -220,13 +205,13 @@ def test_byom_lora_every_rank(num_tasks):
                  rtol=1e-5, atol=1e-5)
 
 
-def test_dare_without_drop_is_task_arithmetic(path, calls):
+def test_dare_without_drop_is_task_arithmetic(path, kernel_calls):
     pre, fts = make_models(num_tasks=3, seed=50)
     plain = tb.dare(pre, fts, drop=0.0, lam=0.4, seed=7)
     expected = tb.task_arithmetic(pre, fts, lam=0.4)
     assert all(torch.equal(plain[k], expected[k]) for k in pre)  # exactly, not approximately
     assert_dicts_close(M.dare(pre, fts, drop=0.0, lam=0.4, seed=7), plain)
-    assert_ran(path, calls, selected=False)
+    assert_ran(path, kernel_calls, selected=False)
 
 
 @pytest.mark.parametrize("drop", [0.3, 0.7])
@@ -265,7 +250,7 @@ shape_lists = st.tuples(st.integers(1, 12), st.integers(1, 12), st.lists(
 
 @SETTINGS
 @given(shape_lists, st.integers(2, 5), st.floats(0.01, 1.0), st.integers(0, 2**31 - 1))
-def test_fast_paths_equal_the_textbook(path, calls, shapes, num_tasks, density, seed):
+def test_fast_paths_equal_the_textbook(path, kernel_calls, shapes, num_tasks, density, seed):
     rows, cols, extra = shapes
     layout = {"w": (rows, cols), "b": (rows,), **{f"x{i}": s for i, s in enumerate(extra)}}  # a matrix, its bias, more
     pre, fts = make_models(layout, num_tasks, seed)
@@ -278,7 +263,7 @@ def test_fast_paths_equal_the_textbook(path, calls, shapes, num_tasks, density, 
     for t in range(num_tasks):
         assert_dicts_close(pruned.task_state_dict(t), pruned_tb[t])
         assert_dicts_close(fft.task_state_dict(t), fft_tb[t])
-    assert_ran(path, calls, selected=False)  # the fused selection needs 32+ entries and density < 1
+    assert_ran(path, kernel_calls, selected=False)  # the fused selection needs 32+ entries and density < 1
 
 
 def test_key_order_of_the_finetuned_dicts_does_not_matter():

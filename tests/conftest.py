@@ -1,4 +1,6 @@
+import json
 import os
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -82,3 +84,26 @@ def kernel_calls(monkeypatch):
 
         monkeypatch.setattr(native, name, spy)
     return counts
+
+
+SMALL_CLIP = {"embed_dim": 32, "quick_gelu": True,
+              "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="session")
+def small_clip(tmp_path_factory):
+    """A small open_clip CLIP (2 layers, 2 heads, QuickGELU, 32 px, seed 0) from a custom config.
+
+    Returns (model, name, config): the config is registered with open_clip under `name`. The model is shared
+    by the whole session: tests read it and never change its weights (copy it first).
+    """
+    from byom_lab.model import open_clip
+
+    oc = open_clip()
+    name = "byom-small-test-clip"
+    path = tmp_path_factory.mktemp("cfg") / f"{name}.json"
+    path.write_text(json.dumps(SMALL_CLIP))
+    oc.add_model_config(path)
+    torch.manual_seed(0)
+    return SimpleNamespace(model=oc.create_model(name).eval(), name=name, config=SMALL_CLIP)

@@ -1,4 +1,5 @@
 """`byom-lab merge` and `byom-lab export` in-process: files in, BYOM files out, bad inputs explained."""
+import copy
 import json
 
 import pytest
@@ -151,21 +152,9 @@ def test_pickled_checkpoints_only_with_allow_pickle(files, capsys):
 
 # real formats: a tiny open_clip image tower as HF CLIP folders and open_clip safetensors ------------
 
-CONFIG = {"embed_dim": 32, "quick_gelu": True,
-          "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
-          "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}}
-
-
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    from byom_lab.model import open_clip
-
-    oc = open_clip()
-    path = tmp_path_factory.mktemp("cfg") / "byom-merge-cli-test.json"
-    path.write_text(json.dumps(CONFIG))
-    oc.add_model_config(path)
-    torch.manual_seed(0)
-    return oc.create_model("byom-merge-cli-test").eval()
+def clip(small_clip):
+    return small_clip.model
 
 
 def towers(clip):
@@ -225,9 +214,9 @@ def test_open_clip_files_export_with_their_keys_and_load_into_open_clip(clip, tm
     exported = load_file(tmp_path / "cars_out.safetensors")
     assert exported.keys() == load_file(tmp_path / "cars.safetensors").keys()
     expected = M.post_pruning(tower, fts, density=0.1).task_state_dict(0)
-    clip.visual.load_state_dict({k.removeprefix("visual."): v for k, v in exported.items()}, strict=True)
-    assert same({k: v.detach() for k, v in clip.visual.state_dict().items()}, expected)
-    clip.visual.load_state_dict(tower)
+    visual = copy.deepcopy(clip.visual)  # the session's model stays as it is
+    visual.load_state_dict({k.removeprefix("visual."): v for k, v in exported.items()}, strict=True)
+    assert same({k: v.detach() for k, v in visual.state_dict().items()}, expected)
 
 
 def test_mixed_inputs_export_each_task_the_way_it_came(clip, tmp_path, capsys):

@@ -19,21 +19,9 @@ from byom_lab.model import open_clip
 from byom_lab.paper import load_pretrained, select_tasks
 
 torch.set_num_threads(1)
-MODEL = "byom-paper-test"
-CONFIG = {"embed_dim": 32, "quick_gelu": True,
-          "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
-          "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-
-
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    """A tiny open_clip CLIP from a registered custom config (2 heads, QuickGELU, 32 px)."""
-    oc = open_clip()
-    path = tmp_path_factory.mktemp("cfg") / f"{MODEL}.json"
-    path.write_text(json.dumps(CONFIG))
-    oc.add_model_config(path)
-    torch.manual_seed(0)
-    return oc.create_model(MODEL).eval()
+def clip(small_clip):
+    return small_clip.model
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +129,10 @@ def test_mismatch_names_the_key_and_both_shapes(tower, tmp_path):
         pc.image_tower({k: v for k, v in tower.items() if k != "ln_post.bias"}, tower)
 
 
-def test_pickled_task_vectors_module_only_with_allow_pickle(tmp_path, tower):
+def test_pickled_task_vectors_module_only_with_allow_pickle(tmp_path, tower, small_clip):
     oc = open_clip()
     torch.manual_seed(0)
-    enc_model = oc.create_model(MODEL)
+    enc_model = oc.create_model(small_clip.name)
     delattr(enc_model, "transformer")  # as task-vectors' ImageEncoder(keep_lang=False) does
     encoder_cls = type("ImageEncoder", (torch.nn.Module,), {"__module__": "src.modeling"})
     encoder = encoder_cls()
@@ -191,14 +179,14 @@ def test_lora_byom_and_peft_formats(tower, tmp_path):
 
 # --- pretrained weights -----------------------------------------------------------------------------
 
-def test_weights_from_state_dict_file_and_local_dir(clip, tower, tmp_path):
+def test_weights_from_state_dict_file_and_local_dir(clip, tower, tmp_path, small_clip):
     save_file(clip.state_dict(), str(tmp_path / "w.safetensors"))
     torch.save(clip.state_dict(), tmp_path / "w.pt")
     (tmp_path / "dir").mkdir()
-    (tmp_path / "dir" / "open_clip_config.json").write_text(json.dumps({"model_cfg": CONFIG}))
+    (tmp_path / "dir" / "open_clip_config.json").write_text(json.dumps({"model_cfg": small_clip.config}))
     save_file(clip.state_dict(), str(tmp_path / "dir" / "open_clip_model.safetensors"))
     for weights in (tmp_path / "w.safetensors", tmp_path / "w.pt", f"local-dir:{tmp_path / 'dir'}"):
-        model, tokenizer, normalize, info = load_pretrained(MODEL, weights)
+        model, tokenizer, normalize, info = load_pretrained(small_clip.name, weights)
         assert all(torch.equal(model.visual.state_dict()[k], tower[k]) for k in tower), weights
         assert info["quick_gelu"] and tokenizer(["a photo"]).shape == (1, 16)
     mean, std = (torch.tensor(c) for c in (open_clip().OPENAI_DATASET_MEAN, open_clip().OPENAI_DATASET_STD))
@@ -343,12 +331,12 @@ def test_bad_names_and_missing_folders_are_explained(tmp_path):
 
 # --- the whole suite --------------------------------------------------------------------------------
 
-def test_load_paper_suite_end_to_end(clip, tower, tmp_path, monkeypatch):
+def test_load_paper_suite_end_to_end(clip, tower, tmp_path, monkeypatch, small_clip):
     data = tmp_path / "data"
     write_mnist(data)
     write_image_folder(data, "EuroSAT")
     save_file(clip.state_dict(), str(tmp_path / "weights.safetensors"))
-    ck = tmp_path / "ckpt" / MODEL
+    ck = tmp_path / "ckpt" / small_clip.name
     (ck / "MNIST").mkdir(parents=True)
     ft = [perturbed(tower, 1), perturbed(tower, 2)]
     save_file({f"model.visual.{k}": v for k, v in ft[0].items()}, str(ck / "MNIST" / "finetuned.safetensors"))
@@ -357,7 +345,7 @@ def test_load_paper_suite_end_to_end(clip, tower, tmp_path, monkeypatch):
     save_file({"proj::B": torch.ones(64, 2), "proj::A": torch.ones(2, 32)}, str(tmp_path / "MNIST.safetensors"))
     save_file({"proj::B": torch.zeros(64, 2), "proj::A": torch.ones(2, 32)}, str(tmp_path / "EuroSAT.safetensors"))
     monkeypatch.setenv("BYOM_LAB_PAPER_DATA", str(data))
-    suite = bl.load_suite("paper", tasks=["MNIST", "EuroSAT"], model=MODEL, weights=tmp_path / "weights.safetensors",
+    suite = bl.load_suite("paper", tasks=["MNIST", "EuroSAT"], model=small_clip.name, weights=tmp_path / "weights.safetensors",
                        checkpoints=tmp_path / "ckpt", lora_checkpoints=tmp_path, max_images=12)
     assert suite.name == "paper" and suite.tasks == ["MNIST", "EuroSAT"]
     assert all(torch.equal(suite.finetuned[t][k], ft[t][k]) for t in range(2) for k in tower)
@@ -374,11 +362,11 @@ def test_load_paper_suite_end_to_end(clip, tower, tmp_path, monkeypatch):
     config = ck / "EuroSAT" / "config.json"
     config.write_text(config.read_text().replace('"quick_gelu"', '"gelu"'))
     with pytest.warns(UserWarning, match="hidden_act='gelu' but the model uses QuickGELU"):
-        bl.load_suite("paper", tasks=["EuroSAT"], model=MODEL, weights=tmp_path / "weights.safetensors",
+        bl.load_suite("paper", tasks=["EuroSAT"], model=small_clip.name, weights=tmp_path / "weights.safetensors",
                    checkpoints=tmp_path / "ckpt", max_images=2)
     with pytest.raises(ValueError, match="image_size=64"):
-        bl.load_suite("paper", tasks=["MNIST"], model=MODEL, weights=tmp_path / "weights.safetensors",
+        bl.load_suite("paper", tasks=["MNIST"], model=small_clip.name, weights=tmp_path / "weights.safetensors",
                    checkpoints=tmp_path / "ckpt", image_size=64)
     write_image_folder(data, "DTD")
     with pytest.raises(FileNotFoundError, match="no fine-tuned checkpoint for task DTD"):
-        bl.load_suite("paper", tasks=["DTD"], model=MODEL, checkpoints=tmp_path / "ckpt")
+        bl.load_suite("paper", tasks=["DTD"], model=small_clip.name, checkpoints=tmp_path / "ckpt")
